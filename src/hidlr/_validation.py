@@ -1,0 +1,58 @@
+"""One place for argument checks, so every error reads the same way.
+
+Messages have the shape ``"<name> must be <what is accepted>, got <value>"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+def _fail(name: str, accepted: str, value: Any, exc: type[Exception] = ValueError) -> None:
+    raise exc(f"{name} must be {accepted}, got {value!r}")
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
+    accepted = "an int" + (f" >= {minimum}" if minimum is not None else "")
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, accepted, value, TypeError)
+    if minimum is not None and value < minimum:
+        _fail(name, accepted, value)
+    return int(value)
+
+
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Check a finite real number in an interval; open ends are excluded."""
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high}")
+    accepted = "a finite float" + (" " + " and ".join(parts) if parts else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(name, accepted, value, TypeError)
+    x = float(value)
+    if not math.isfinite(x):
+        _fail(name, accepted, value)
+    if low is not None and (x < low or (low_open and x == low)):
+        _fail(name, accepted, value)
+    if high is not None and (x > high or (high_open and x == high)):
+        _fail(name, accepted, value)
+    return x
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    options = tuple(choices)
+    if value not in options:
+        _fail(name, "one of " + ", ".join(repr(c) for c in options), value)
+    return value
