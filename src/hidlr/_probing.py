@@ -1,0 +1,137 @@
+"""Bookkeeping that lets probes leave no trace: weights, buffers and random numbers.
+
+Memory: one extra copy of the probed parameters, alive only during a probe step.
+
+After the base optimizer's step the parameters hold ``w1`` and the snapshot holds ``w0``.
+The two are swapped bit for bit (XOR through integer views: exact, in place, no
+allocation), so the snapshot keeps ``w1`` *exactly* while the parameters serve as scratch.
+A parameter at offset ``s`` holds ``w1 + s * (w1 - w0)``; moving to another offset is one
+fused ``lerp`` against the exact ``w1``. Offset 0 (``w1`` itself) would erase the direction,
+so it is reached by swapping again instead. Rejected groups end as an exact copy of ``w1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _xor_swap(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for x, y in zip(a, b, strict=True):
+        if x.is_complex():
+            x, y = torch.view_as_real(x), torch.view_as_real(y)
+        dtype = _INT_VIEW[x.element_size()]
+        xi, yi = x.view(dtype), y.view(dtype)
+        xi.bitwise_xor_(yi)
+        yi.bitwise_xor_(xi)
+        xi.bitwise_xor_(yi)
+
+
+class GroupMover:
+    """Moves one group's parameters along its step; see the module docstring."""
+
+    def __init__(self, params: list[torch.Tensor], w1: list[torch.Tensor]) -> None:
+        self.params = params
+        self.w1 = w1  # exact w1 while not swapped; the parked point while swapped
+        self.offset = -1.0
+        self._parked = 0.0  # offset held by self.w1 while swapped
+        self._swapped = False
+
+    def move(self, offset: float) -> None:
+        if offset == self.offset or not self.params:
+            return
+        if offset == 0.0:
+            _xor_swap(self.params, self.w1)
+            self._swapped, self._parked, self.offset = True, self.offset, 0.0
+            return
+        self._unswap()
+        # params = w1 + alpha * (params - w1) with alpha = offset / current offset
+        torch._foreach_lerp_(self.params, self.w1, 1.0 - offset / self.offset)
+        self.offset = offset
+
+    def _unswap(self) -> None:
+        if self._swapped:
+            _xor_swap(self.params, self.w1)
+            self._swapped, self.offset = False, self._parked
+
+    def reset(self) -> None:
+        """Put back exactly ``w1``, the point of the plain base step."""
+        self._unswap()
+        if self.params:
+            torch._foreach_copy_(self.params, self.w1)
+        self.offset = 0.0
+
+
+class BufferGuard:
+    """Restores every buffer that a module called during probing changed in place.
+
+    A global forward pre-hook snapshots a module's buffers the first time it runs; after
+    each probe, buffers whose version counter moved are copied back (BatchNorm's running
+    statistics and ``num_batches_tracked`` among them).
+    """
+
+    def __init__(self) -> None:
+        self._saved: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def _hook(self, module: nn.Module, args: object) -> None:
+        if id(module) in self._saved:
+            return
+        entries = []
+        for buf in module.buffers(recurse=False):
+            if buf is not None:
+                entries.append((buf, buf.detach().clone(), buf._version))
+        self._saved[id(module)] = entries
+
+    def __enter__(self) -> BufferGuard:
+        self._handle = nn.modules.module.register_module_forward_pre_hook(self._hook)
+        return self
+
+    def restore(self) -> None:
+        for key, entries in self._saved.items():
+            fresh = []
+            for buf, copy, version in entries:
+                if buf._version != version:
+                    buf.copy_(copy)
+                fresh.append((buf, copy, buf._version))
+            self._saved[key] = fresh
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self.restore()
+        self._saved.clear()
+
+
+class RngReplay:
+    """Every probe sees the same random numbers (common random numbers for dropout), and the
+    training stream is left where it was: the state is captured once and set before each
+    probe and again at the end."""
+
+    def __init__(self, devices: list[torch.device]) -> None:
+        self._cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+
+    def __enter__(self) -> RngReplay:
+        self._cpu = torch.get_rng_state()
+        self._cuda_states = [torch.cuda.get_rng_state(i) for i in self._cuda]
+        return self
+
+    def replay(self) -> None:
+        torch.set_rng_state(self._cpu)
+        for i, state in zip(self._cuda, self._cuda_states, strict=True):
+            torch.cuda.set_rng_state(state, i)
+
+    def __exit__(self, *exc: object) -> None:
+        self.replay()
+
+
+@contextlib.contextmanager
+def probe_context(devices: list[torch.device]) -> Iterator[tuple[RngReplay, BufferGuard]]:
+    """No autograd, replayed random numbers, guarded buffers."""
+    with torch.no_grad(), RngReplay(devices) as rng, BufferGuard() as guard:
+        yield rng, guard

@@ -1,0 +1,102 @@
+"""Typed diagnostics of probe steps, and their export to CSV and JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["GroupProbe", "ProbeRecord", "history_rows", "save_history"]
+
+REASONS = (
+    "accepted",
+    "zero_direction",
+    "empty_group",
+    "nonfinite_probe",
+    "flat",
+    "not_convex",
+    "not_descent",
+    "poor_fit",
+)
+
+
+@dataclass(frozen=True)
+class GroupProbe:
+    """One group's fit on one probe step.
+
+    ``b`` and ``A`` are the fitted slope and curvature along the group's direction in rate
+    units, ``r2`` the fit quality on the group's own probes, ``proposed`` the rate ``b / A``
+    (or the coupled solution), ``lr_before`` / ``lr_after`` the adapted rate around the
+    update, and ``decrease`` the loss decrease the fit predicts for the group's own optimal
+    step, ``b^2 / (2 A)`` (NaN unless the group is convex and descending).
+    """
+
+    group: int
+    lr_before: float
+    lr_after: float
+    proposed: float
+    b: float
+    A: float
+    r2: float
+    decrease: float
+    accepted: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    """All groups of one probe step; ``loss`` is the fitted unperturbed loss."""
+
+    step: int
+    loss: float
+    n_probes: int
+    groups: tuple[GroupProbe, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "n_probes": self.n_probes,
+            "groups": [asdict(g) for g in self.groups],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeRecord:
+        return cls(
+            int(data["step"]),
+            float(data["loss"]),
+            int(data["n_probes"]),
+            tuple(GroupProbe(**g) for g in data["groups"]),
+        )
+
+
+def history_rows(records: Iterable[ProbeRecord]) -> list[dict[str, Any]]:
+    """One flat row per (probe step, group)."""
+    return [
+        {"step": r.step, "loss": r.loss, "n_probes": r.n_probes, **asdict(g)}
+        for r in records
+        for g in r.groups
+    ]
+
+
+def _clean(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def save_history(records: Iterable[ProbeRecord], path: str | Path) -> Path:
+    """Write the history as CSV (``.csv``) or JSON (any other suffix); returns the path."""
+    path = Path(path)
+    rows = history_rows(records)
+    if path.suffix == ".csv":
+        names = ["step", "loss", "n_probes"] + [f.name for f in fields(GroupProbe)]
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=names)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text(json.dumps([{k: _clean(v) for k, v in row.items()} for row in rows], indent=1))
+    return path

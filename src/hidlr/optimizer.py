@@ -1,0 +1,384 @@
+"""``HiDLR``: Hessian-informed differential learning rates around any torch optimizer."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from hidlr._probing import GroupMover, _xor_swap, probe_context
+from hidlr._validation import check_float, check_int
+from hidlr.fit import fit_quadratic, propose_rates, smooth_rate
+from hidlr.history import GroupProbe, ProbeRecord
+
+__all__ = ["HiDLR"]
+
+logger = logging.getLogger(__name__)
+
+Closure = Callable[[], Any]
+
+
+def _check_multipliers(value: Any) -> tuple[float, ...]:
+    accepted = "a sequence of at least 3 distinct finite non-zero numbers, one of them > 0"
+    try:
+        mults = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"probe_multipliers must be {accepted}, got {value!r}") from None
+    ok = (
+        len(mults) >= 3
+        and len(set(mults)) == len(mults)
+        and all(math.isfinite(m) and m != 0 for m in mults)
+        and any(m > 0 for m in mults)
+    )
+    if not ok:
+        raise ValueError(f"probe_multipliers must be {accepted}, got {value!r}")
+    return mults
+
+
+class HiDLR(Optimizer):
+    r"""Hi-DLR (Xu, Bu, Zhang, Barnett): one learning rate per param group, found by probing.
+
+    Wraps any torch optimizer. Every ``update_every`` steps (starting with the first) the
+    base optimizer takes its step as usual and its parameter change :math:`\Delta_k` gives
+    each group's direction. The loss is then probed, one group at a time, at
+    :math:`w_0 + c\,\Delta_k \eta_k / \eta_k^{\text{used}}` for each ``c`` in
+    ``probe_multipliers`` (4K forward passes for the default four), a quadratic
+    :math:`L_0 - b_k \xi + \tfrac12 A_k \xi^2` is fitted per group by least squares (eq. 3.1,
+    with one intercept shared by all groups), and each group's rate moves toward
+    :math:`b_k / A_k` (eq. 3.2): ``new = smoothing * old + (1 - smoothing) * b/A``, only when
+    :math:`A_k > 0`, :math:`b_k > 0`, :math:`R^2_k >` ``min_r2`` and every probe is finite.
+    The step of that same iteration is then taken with the new rates (Algorithm 1, line 16).
+    With one group this is GeN (Hi-ULR).
+
+    The base optimizer's state advances exactly once per step: the direction *is* its step,
+    rescaled, which assumes (as for SGD, Adam(W), Adagrad, RMSprop...) that a step's
+    parameter change is proportional to the group's ``lr``. Parameters whose ``.grad`` is
+    ``None`` are assumed untouched by the base step, as in every torch optimizer.
+
+    Args:
+        optimizer: the base optimizer; each of its param groups is one Hi-DLR group. Its
+            ``lr`` values are the initial rates: a reasonable order of magnitude suffices.
+        update_every: probe every this many steps (Phi in the paper). Probe steps cost
+            ``len(probe_multipliers) * K`` extra forward passes; 4-10 is typical.
+        smoothing: weight of the old rate in the update. Larger is steadier; 0 jumps straight
+            to the fitted rate (Newton-like, for deterministic problems).
+        probe_multipliers: where to probe, in units of the current rate. Must straddle 0 for
+            a good fit; the default ``(-2, -1, 1, 2)`` is the paper's.
+        min_r2: accept a fit only when its :math:`R^2` on the group's probes exceeds this.
+            A value above 1 disables all updates (the rates stay at their initial values).
+        coupled: fit the full matrix :math:`A` of eq. 2.4 (cross terms between groups, from
+            ``K(K-1)`` additional probes moving two groups at once) and solve
+            :math:`A \eta = b`; all groups of the fit are updated together or not at all.
+        max_rate_change: if set, a single update changes a rate at most by this factor.
+        history_size: how many probe steps of diagnostics to keep (:attr:`history`).
+
+    Learning-rate schedulers: attach them to this optimizer (or the base one; they share
+    param groups). A group's rate used at a step is ``lrs[k] * lr / initial_lr``: the
+    scheduler's factor times the adapted rate, so a warm-up or decay shapes whatever rate
+    Hi-DLR finds. The probes are placed at multiples of the adapted rate itself, so they keep
+    a useful size while the schedule is small.
+
+    The closure passed to :meth:`step` returns the loss at the current weights and must not
+    call ``backward``; it decides the probes' batch (the gradient's own, or another). Probes
+    run under ``torch.no_grad``, all see the random-number state the training step would
+    see next (common random numbers for dropout), do not advance it, and every buffer that
+    a module changed in place during probing (BatchNorm statistics) is restored.
+
+    If the closure raises (or anything else fails) during probing, the parameters, buffers
+    and random state are left exactly as after a plain step of the base optimizer, no rate
+    changes, and the exception propagates.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        update_every: int = 4,
+        smoothing: float = 0.9,
+        probe_multipliers: Sequence[float] = (-2.0, -1.0, 1.0, 2.0),
+        min_r2: float = 0.95,
+        coupled: bool = False,
+        max_rate_change: float | None = None,
+        history_size: int = 1000,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer) or isinstance(optimizer, HiDLR):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer other than HiDLR, got {type(optimizer).__name__}"
+            )
+        if not isinstance(coupled, bool):
+            raise TypeError(f"coupled must be a bool, got {coupled!r}")
+        self.optimizer = optimizer
+        self.options: dict[str, Any] = {
+            "update_every": check_int("update_every", update_every, minimum=1),
+            "smoothing": check_float("smoothing", smoothing, low=0.0, high=1.0, high_open=True),
+            "probe_multipliers": _check_multipliers(probe_multipliers),
+            "min_r2": check_float("min_r2", min_r2),
+            "coupled": coupled,
+            "max_rate_change": None
+            if max_rate_change is None
+            else check_float("max_rate_change", max_rate_change, low=1.0, low_open=True),
+        }
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self._steps = 0
+        self._history: deque[ProbeRecord] = deque(
+            maxlen=check_int("history_size", history_size, minimum=0)
+        )
+        for i, group in enumerate(self.param_groups):
+            self._init_group(i, group)
+
+    # -- the torch.optim.Optimizer surface -------------------------------------------------
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"HiDLR({opts}, lrs={self.lrs}, base={type(self.optimizer).__name__})"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        self._init_group(len(self.param_groups) - 1, self.param_groups[-1])
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base optimizer's state dict (adapted rates live in its param groups) plus
+        Hi-DLR's step count, options and history."""
+        return {
+            "base": self.optimizer.state_dict(),
+            "hidlr": {
+                "steps": self._steps,
+                "options": dict(self.options),
+                "history": [r.as_dict() for r in self._history],
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if not isinstance(state_dict, dict) or set(state_dict) != {"base", "hidlr"}:
+            raise ValueError(
+                "state_dict must be a dict with keys 'base' and 'hidlr' (from HiDLR.state_dict()), "
+                f"got keys {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}"
+            )
+        saved = state_dict["hidlr"]
+        options = dict(saved["options"])
+        options["probe_multipliers"] = _check_multipliers(options["probe_multipliers"])
+        self.optimizer.load_state_dict(state_dict["base"])
+        self.options = options
+        self._steps = int(saved["steps"])
+        self._history = deque(
+            (ProbeRecord.from_dict(r) for r in saved["history"]), maxlen=self._history.maxlen
+        )
+
+    # -- what users read -------------------------------------------------------------------
+
+    @property
+    def lrs(self) -> list[float]:
+        """The adapted rate of each param group (before any scheduler factor)."""
+        return [g["hidlr_lr"] for g in self.param_groups]
+
+    @property
+    def steps(self) -> int:
+        """Number of completed steps."""
+        return self._steps
+
+    @property
+    def history(self) -> tuple[ProbeRecord, ...]:
+        """Diagnostics of the most recent probe steps (see :func:`hidlr.save_history`)."""
+        return tuple(self._history)
+
+    def is_probe_step(self) -> bool:
+        """Whether the next :meth:`step` probes (and so needs a closure)."""
+        return self._steps % self.options["update_every"] == 0
+
+    # -- the step --------------------------------------------------------------------------
+
+    def _init_group(self, index: int, group: dict[str, Any]) -> None:
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor) or isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            raise TypeError(f"param_groups[{index}]['lr'] must be a float, got {lr!r}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(
+                f"param_groups[{index}]['lr'] must be a finite float > 0 for Hi-DLR to probe, got {lr!r}"
+            )
+        ref = group.get("initial_lr", lr)
+        group.setdefault("hidlr_ref_lr", float(ref))
+        group.setdefault("hidlr_lr", float(ref))
+
+    @staticmethod
+    def _effective_lr(group: dict[str, Any]) -> float:
+        return group["hidlr_lr"] * (group["lr"] / group["hidlr_ref_lr"])
+
+    def _base_step(self) -> None:
+        groups = self.param_groups
+        scheduled = [g["lr"] for g in groups]
+        try:
+            for g in groups:
+                g["lr"] = self._effective_lr(g)
+            self.optimizer.step()
+        finally:
+            for g, lr in zip(groups, scheduled, strict=True):
+                g["lr"] = lr
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> None:  # type: ignore[override]
+        """One training step; on probe steps ``closure()`` must return the scalar loss at the
+        current weights (no ``backward``)."""
+        if not self.is_probe_step():
+            self._base_step()
+            self._steps += 1
+            return None
+        if closure is None or not callable(closure):
+            raise ValueError(
+                f"closure must be a callable returning the loss on probe steps (every "
+                f"update_every={self.options['update_every']} steps, starting at the first), got "
+                f"{closure!r} at step {self._steps}; pass e.g. closure=lambda: loss_fn(model(x), y)"
+            )
+        self._probe_step(closure)
+        return None
+
+    def _probe_step(self, closure: Closure) -> None:
+        groups = self.param_groups
+        params = [[p for p in g["params"] if p.grad is not None] for g in groups]
+        flat = [p for ps in params for p in ps]
+        snapshot = [p.detach().clone() for p in flat]
+        try:
+            self._base_step()
+        except BaseException:
+            if flat:
+                torch._foreach_copy_(flat, snapshot)
+            raise
+        self._steps += 1
+        _xor_swap(flat, snapshot)  # params hold w0, the snapshot holds w1 exactly
+        movers, start = [], 0
+        for ps in params:
+            movers.append(GroupMover(ps, snapshot[start : start + len(ps)]))
+            start += len(ps)
+        try:
+            self._probe_and_update(closure, movers)
+        except BaseException:
+            for mover in movers:
+                mover.reset()
+            raise
+
+    def _probe_and_update(self, closure: Closure, movers: list[GroupMover]) -> None:
+        groups = self.param_groups
+        n = len(groups)
+        mults = self.options["probe_multipliers"]
+        rates = [g["hidlr_lr"] for g in groups]
+        used = [self._effective_lr(g) for g in groups]
+        moved_flags = [
+            torch.stack([torch.ne(p, w).any() for p, w in zip(m.params, m.w1, strict=True)]).any()
+            if m.params
+            else torch.zeros((), dtype=torch.bool)
+            for m in movers
+        ]
+        moved = torch.stack([f.cpu() for f in moved_flags]).tolist() if moved_flags else []
+        active = [k for k in range(n) if moved[k]]
+
+        rows: list[dict[int, float]] = []
+        values: list[torch.Tensor] = []
+        devices = list({p.device for m in movers for p in m.params})
+
+        def probe(placement: dict[int, float]) -> None:
+            for k, c in placement.items():
+                movers[k].move(c * rates[k] / used[k] - 1.0)
+            rng.replay()
+            values.append(_scalar_loss(closure()))
+            guard.restore()
+            rows.append(placement)
+
+        with probe_context(devices) as (rng, guard):
+            for k in active:
+                for c in mults:
+                    probe({k: c})
+                movers[k].move(-1.0)
+            if self.options["coupled"]:
+                for i, k in enumerate(active):
+                    for l in active[i + 1 :]:
+                        for c in (-1.0, 1.0):
+                            probe({k: c, l: c})
+                        movers[k].move(-1.0)
+                        movers[l].move(-1.0)
+
+        offsets = torch.zeros(len(rows), n, dtype=torch.float64)
+        for r, placement in enumerate(rows):
+            for k, c in placement.items():
+                offsets[r, k] = c
+        losses = (
+            torch.stack([v.to(torch.float64) for v in values]).cpu()
+            if values
+            else torch.zeros(0, dtype=torch.float64)
+        )
+        fit = fit_quadratic(offsets, losses, rates, coupled=self.options["coupled"])
+        decisions = propose_rates(fit, min_r2=self.options["min_r2"])
+
+        new_rates = list(rates)
+        records = []
+        for k in range(n):
+            b, a, r2 = fit.b[k], fit.A[k][k], fit.r2[k]
+            if k in active:
+                dec = decisions[k]
+                reason, proposed = dec.reason, dec.proposed
+                if dec.accepted:
+                    new_rates[k] = smooth_rate(
+                        rates[k],
+                        dec.proposed,
+                        smoothing=self.options["smoothing"],
+                        max_change=self.options["max_rate_change"],
+                    )
+            else:
+                reason = "empty_group" if not groups[k]["params"] else "zero_direction"
+                proposed = float("nan")
+            decrease = b * b / (2 * a) if (a > 0 and b > 0) else float("nan")
+            records.append(
+                GroupProbe(
+                    k, rates[k], new_rates[k], proposed, b, a, r2, decrease, reason == "accepted", reason
+                )
+            )
+        for k, mover in enumerate(movers):
+            if new_rates[k] != rates[k]:
+                mover.move(new_rates[k] / rates[k] - 1.0)
+            else:
+                mover.reset()
+        for g, rate in zip(groups, new_rates, strict=True):
+            g["hidlr_lr"] = rate
+        record = ProbeRecord(self._steps - 1, fit.intercept, len(values), tuple(records))
+        self._history.append(record)
+        logger.debug("hidlr probe step %d: %s", record.step, record)
+
+
+def _scalar_loss(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"closure must return a scalar loss, got a tensor of shape {tuple(value.shape)}"
+            )
+        return value.detach().reshape(())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    raise TypeError(f"closure must return a scalar loss tensor or float, got {type(value).__name__}")
