@@ -55,7 +55,9 @@ def _design(offsets: torch.Tensor, groups: Sequence[int], coupled: bool) -> torc
     cols += [-offsets[:, k] for k in groups]
     cols += [0.5 * offsets[:, k] ** 2 for k in groups]
     if coupled:
-        cols += [offsets[:, k] * offsets[:, l] for i, k in enumerate(groups) for l in groups[i + 1 :]]
+        cols += [
+            offsets[:, k] * offsets[:, l] for i, k in enumerate(groups) for l in groups[i + 1 :]
+        ]
     return torch.stack(cols, dim=1)
 
 
@@ -86,7 +88,11 @@ def fit_quadratic(
     groups = [k for k in range(n_groups) if moved[:, k].any() and not bad[k]]
     nan = float("nan")
     empty = QuadraticFit(
-        nan, (nan,) * n_groups, tuple((nan,) * n_groups for _ in range(n_groups)), (nan,) * n_groups, coupled
+        nan,
+        (nan,) * n_groups,
+        tuple((nan,) * n_groups for _ in range(n_groups)),
+        (nan,) * n_groups,
+        coupled,
     )
     if not groups:
         return empty
@@ -115,7 +121,9 @@ def fit_quadratic(
         ss_tot = ((y[own] - y[own].mean()) ** 2).sum().item()
         ss_res = ((y[own] - pred[own]) ** 2).sum().item()
         r2[k] = 1.0 - ss_res / ss_tot if ss_tot > 0 else nan
-    return QuadraticFit(coef[0].item(), tuple(b), tuple(tuple(row) for row in a), tuple(r2), coupled)
+    return QuadraticFit(
+        coef[0].item(), tuple(b), tuple(tuple(row) for row in a), tuple(r2), coupled
+    )
 
 
 def _check(b: float, a: float, r2: float, min_r2: float) -> str:
@@ -144,7 +152,9 @@ def propose_rates(fit: QuadraticFit, *, min_r2: float) -> list[RateDecision]:
     checks = [_check(fit.b[k], fit.A[k][k], fit.r2[k], min_r2) for k in range(n)]
     if not fit.coupled:
         return [
-            RateDecision(fit.b[k] / fit.A[k][k] if c == "accepted" else float("nan"), c == "accepted", c)
+            RateDecision(
+                fit.b[k] / fit.A[k][k] if c == "accepted" else float("nan"), c == "accepted", c
+            )
             for k, c in enumerate(checks)
         ]
     fitted = [k for k in range(n) if checks[k] != "nonfinite_probe"]
@@ -156,16 +166,24 @@ def propose_rates(fit: QuadraticFit, *, min_r2: float) -> list[RateDecision]:
     b = torch.tensor([fit.b[k] for k in fitted], dtype=torch.float64)
     chol, info = torch.linalg.cholesky_ex(a)
     if info.item() != 0:
-        return [RateDecision(nan, False, "not_convex" if k in fitted else c) for k, c in enumerate(checks)]
+        return [
+            RateDecision(nan, False, "not_convex" if k in fitted else c)
+            for k, c in enumerate(checks)
+        ]
     eta = torch.cholesky_solve(b[:, None], chol)[:, 0].tolist()
     if not all(e > 0 and math.isfinite(e) for e in eta):
-        return [RateDecision(nan, False, "not_descent" if k in fitted else c) for k, c in enumerate(checks)]
+        return [
+            RateDecision(nan, False, "not_descent" if k in fitted else c)
+            for k, c in enumerate(checks)
+        ]
     for k, e in zip(fitted, eta, strict=True):
         decisions[k] = RateDecision(e, True, "accepted")
     return decisions
 
 
-def smooth_rate(old: float, proposed: float, *, smoothing: float, max_change: float | None) -> float:
+def smooth_rate(
+    old: float, proposed: float, *, smoothing: float, max_change: float | None
+) -> float:
     """Algorithm 1, line 15: ``smoothing * old + (1 - smoothing) * proposed``, then the ratio to
     the old rate clipped to ``[1 / max_change, max_change]`` when a bound is set."""
     new = smoothing * old + (1.0 - smoothing) * proposed

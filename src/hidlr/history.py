@@ -98,5 +98,7 @@ def save_history(records: Iterable[ProbeRecord], path: str | Path) -> Path:
             writer.writeheader()
             writer.writerows(rows)
     else:
-        path.write_text(json.dumps([{k: _clean(v) for k, v in row.items()} for row in rows], indent=1))
+        path.write_text(
+            json.dumps([{k: _clean(v) for k, v in row.items()} for row in rows], indent=1)
+        )
     return path

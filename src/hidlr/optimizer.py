@@ -140,13 +140,21 @@ class HiDLR(Optimizer):
 
     # -- the torch.optim.Optimizer surface -------------------------------------------------
 
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         return self.optimizer.param_groups
 
-    @property  # type: ignore[override]
-    def state(self) -> Any:
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
         return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -219,7 +227,7 @@ class HiDLR(Optimizer):
 
     def _init_group(self, index: int, group: dict[str, Any]) -> None:
         lr = group.get("lr")
-        if isinstance(lr, torch.Tensor) or isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        if isinstance(lr, (torch.Tensor, bool)) or not isinstance(lr, (int, float)):
             raise TypeError(f"param_groups[{index}]['lr'] must be a float, got {lr!r}")
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(
@@ -357,7 +365,16 @@ class HiDLR(Optimizer):
             decrease = b * b / (2 * a) if (a > 0 and b > 0) else float("nan")
             records.append(
                 GroupProbe(
-                    k, rates[k], new_rates[k], proposed, b, a, r2, decrease, reason == "accepted", reason
+                    k,
+                    rates[k],
+                    new_rates[k],
+                    proposed,
+                    b,
+                    a,
+                    r2,
+                    decrease,
+                    reason == "accepted",
+                    reason,
                 )
             )
         for k, mover in enumerate(movers):
@@ -381,4 +398,6 @@ def _scalar_loss(value: Any) -> torch.Tensor:
         return value.detach().reshape(())
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=torch.float64)
-    raise TypeError(f"closure must return a scalar loss tensor or float, got {type(value).__name__}")
+    raise TypeError(
+        f"closure must return a scalar loss tensor or float, got {type(value).__name__}"
+    )
