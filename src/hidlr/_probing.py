@@ -71,35 +71,30 @@ class BufferGuard:
     """Restores every buffer that a module called during probing changed in place.
 
     A global forward pre-hook snapshots a module's buffers the first time it runs; after
-    each probe, buffers whose version counter moved are copied back (BatchNorm's running
-    statistics and ``num_batches_tracked`` among them).
+    each probe they are all copied back (BatchNorm's running statistics and
+    ``num_batches_tracked`` among them). Version counters cannot tell which changed: native
+    kernels such as batch norm update their running statistics without bumping them.
     """
 
     def __init__(self) -> None:
-        self._saved: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self._saved: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 
     def _hook(self, module: nn.Module, args: object) -> None:
         if id(module) in self._saved:
             return
-        entries = []
-        for buf in module.buffers(recurse=False):
-            if buf is not None:
-                entries.append((buf, buf.detach().clone(), buf._version))
-        self._saved[id(module)] = entries
+        self._saved[id(module)] = [
+            (buf, buf.detach().clone()) for buf in module.buffers(recurse=False) if buf is not None
+        ]
 
     def __enter__(self) -> BufferGuard:
         self._handle = nn.modules.module.register_module_forward_pre_hook(self._hook)
         return self
 
     def restore(self) -> None:
-        for key, entries in self._saved.items():
-            fresh = []
-            for buf, copy, version in entries:
-                if buf._version != version:
-                    buf.copy_(copy)
-                fresh.append((buf, copy, buf._version))
-            self._saved[key] = fresh
+        for entries in self._saved.values():
+            for buf, saved in entries:
+                buf.copy_(saved)
 
     def __exit__(self, *exc: object) -> None:
         if self._handle is not None:

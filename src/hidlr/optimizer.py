@@ -239,7 +239,7 @@ class HiDLR(Optimizer):
 
     @staticmethod
     def _effective_lr(group: dict[str, Any]) -> float:
-        return group["hidlr_lr"] * (group["lr"] / group["hidlr_ref_lr"])
+        return group["lr"] * (group["hidlr_lr"] / group["hidlr_ref_lr"])
 
     def _base_step(self) -> None:
         groups = self.param_groups

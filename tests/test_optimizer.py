@@ -1,0 +1,563 @@
+"""HiDLR against closed forms, and its promises: one base step, no trace, nothing lost."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import hidlr
+from hidlr.functions import beale_rosenbrock, ellipse
+
+F64 = torch.float64
+NEVER = 2.0  # min_r2 above 1: no update is ever accepted
+
+
+def spd(d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(d, d, generator=gen, dtype=F64)
+    return m @ m.T + torch.eye(d, dtype=F64), torch.randn(d, generator=gen, dtype=F64)
+
+
+# -- closed forms ---------------------------------------------------------------------------
+
+
+def test_one_group_on_quadratic_is_exact_line_search():
+    h, q = spd(6, 0)
+    w = nn.Parameter(torch.randn(6, dtype=F64))
+    loss = lambda: 0.5 * w @ h @ w - q @ w  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.01), smoothing=0.0, update_every=1)
+    opt.zero_grad()
+    loss().backward()
+    g = w.grad.clone()
+    w0 = w.detach().clone()
+    opt.step(loss)
+    eta = (g @ g / (g @ h @ g)).item()
+    assert abs(opt.lrs[0] - eta) < 1e-10
+    assert torch.allclose(w.detach(), w0 - eta * g, rtol=0, atol=1e-12)
+    (rec,) = opt.history[0].groups
+    assert rec.accepted and rec.b == pytest.approx((g @ g).item(), rel=1e-10)
+    assert pytest.approx((g @ h @ g).item(), rel=1e-10) == rec.A
+    assert rec.decrease == pytest.approx(rec.b**2 / (2 * rec.A), rel=1e-12)
+
+
+def test_two_groups_on_ellipse_is_newton():
+    x = nn.Parameter(torch.tensor(50.0, dtype=F64))
+    y = nn.Parameter(torch.tensor(1.0, dtype=F64))
+    loss = lambda: ellipse(x, y)  # noqa: E731
+    opt = hidlr.HiDLR(
+        torch.optim.SGD([{"params": [x]}, {"params": [y]}], lr=1e-3), smoothing=0.0, update_every=1
+    )
+    opt.zero_grad()
+    loss().backward()
+    opt.step(loss)
+    assert opt.lrs[0] == pytest.approx(0.5, abs=1e-9)
+    assert opt.lrs[1] == pytest.approx(0.005, abs=1e-12)
+    assert loss().item() < 1e-12
+
+
+def test_beale_plus_rosenbrock_reaches_minimum():
+    x = nn.Parameter(torch.tensor(4.0, dtype=F64))
+    y = nn.Parameter(torch.tensor(3.0, dtype=F64))
+    loss = lambda: beale_rosenbrock(x, y)  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.SGD([{"params": [x]}, {"params": [y]}], lr=1e-3), update_every=1)
+    for _ in range(100):
+        opt.zero_grad()
+        loss().backward()
+        opt.step(loss)
+    assert x.item() == pytest.approx(3.0, abs=1e-6)
+    assert y.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_coupled_solves_joint_quadratic_exactly():
+    h = torch.tensor(
+        [[3.0, 0.5, 0.2, 0.0], [0.5, 2.0, 0.1, 0.3], [0.2, 0.1, 4.0, 0.4], [0.0, 0.3, 0.4, 1.0]],
+        dtype=F64,
+    )
+    q = torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=F64)
+    a = nn.Parameter(torch.tensor([0.3, 0.7], dtype=F64))
+    b = nn.Parameter(torch.tensor([-0.2, 0.1], dtype=F64))
+    loss = lambda: 0.5 * torch.cat([a, b]) @ h @ torch.cat([a, b]) - q @ torch.cat([a, b])  # noqa: E731
+    opt = hidlr.HiDLR(
+        torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.01),
+        smoothing=0.0,
+        update_every=1,
+        coupled=True,
+    )
+    opt.zero_grad()
+    loss().backward()
+    ga = torch.cat([a.grad, torch.zeros(2, dtype=F64)])
+    gb = torch.cat([torch.zeros(2, dtype=F64), b.grad])
+    bvec = torch.stack([ga @ ga, gb @ gb])
+    amat = torch.stack(
+        [torch.stack([ga @ h @ ga, ga @ h @ gb]), torch.stack([gb @ h @ ga, gb @ h @ gb])]
+    )
+    expected = torch.linalg.solve(amat, bvec)
+    assert (expected > 0).all() and amat[0, 1].abs() > 0.1
+    opt.step(loss)
+    assert opt.lrs == pytest.approx(expected.tolist(), rel=1e-9)
+    assert opt.history[0].n_probes == 8 + 2
+
+
+# -- the base optimizer steps once, and its step is the direction ----------------------------
+
+BASES = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05),
+    "momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5),
+}
+
+
+def regression(seed=0, n=64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=gen, dtype=F64)
+    y = torch.sin(x.sum(dim=1, keepdim=True))
+    return x, y
+
+
+def small_mlp(seed=0, dtype=F64):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
+
+
+def groups_of(model):
+    return [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+
+
+def train(model, opt, data, steps, closure=True):
+    x, y = data
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if closure:
+            opt.step(lambda: nn.functional.mse_loss(model(x), y))
+        else:
+            opt.step()
+
+
+def flat_state(opt):
+    out = []
+    for st in opt.state.values():
+        for v in st.values():
+            out.append(v.clone() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+def test_rejected_probes_leave_base_trajectory_bit_identical(name):
+    data = regression()
+    ref = small_mlp()
+    ref_opt = BASES[name](groups_of(ref))
+    train(ref, ref_opt, data, 9, closure=False)
+    model = small_mlp()
+    opt = hidlr.HiDLR(BASES[name](groups_of(model)), update_every=2, min_r2=NEVER)
+    train(model, opt, data, 9)
+    for p, r in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, r)
+    for s, r in zip(flat_state(opt), flat_state(ref_opt), strict=True):
+        assert torch.equal(s, r)  # includes the step counters: stepped once per step
+    assert len(opt.history) == 5
+    assert all(g.reason == "poor_fit" for rec in opt.history for g in rec.groups)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adamw", "adagrad"])
+def test_accepted_update_rescales_the_base_step(name):
+    data = regression()
+    ref = small_mlp()
+    ref_opt = BASES[name](groups_of(ref))
+    w0 = [p.detach().clone() for p in ref.parameters()]
+    train(ref, ref_opt, data, 1, closure=False)
+    delta = [r.detach() - p for r, p in zip(ref.parameters(), w0, strict=True)]
+    model = small_mlp()
+    opt = hidlr.HiDLR(BASES[name](groups_of(model)), smoothing=0.5, min_r2=-1e9)
+    before = opt.lrs
+    train(model, opt, data, 1)
+    ratios = [a / b for a, b in zip(opt.lrs, before, strict=True)]
+    assert all(g.accepted for g in opt.history[0].groups)
+    assert any(abs(r - 1) > 1e-3 for r in ratios)
+    scale = [ratios[0]] * 2 + [ratios[1]] * 2
+    for p, p0, d, s in zip(model.parameters(), w0, delta, scale, strict=True):
+        torch.testing.assert_close(p.detach(), p0 + s * d, rtol=0, atol=1e-13)
+
+
+# -- probes leave no trace -------------------------------------------------------------------
+
+
+def bn_dropout_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(5, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1)
+    ).to(F64)
+
+
+def test_dropout_batchnorm_training_is_bit_identical_when_nothing_is_accepted():
+    data = regression(n=48)
+    ref = bn_dropout_model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01)
+    torch.manual_seed(123)
+    train(ref, ref_opt, data, 10, closure=False)
+    ref_rng = torch.rand(3)
+    model = bn_dropout_model()
+    opt = hidlr.HiDLR(
+        torch.optim.AdamW(
+            [{"params": model[0].parameters()}, {"params": model[1:].parameters()}], lr=0.01
+        ),
+        update_every=3,
+        min_r2=NEVER,
+    )
+    torch.manual_seed(123)
+    train(model, opt, data, 10)
+    assert torch.equal(torch.rand(3), ref_rng)  # the training random stream was not consumed
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # weights and BatchNorm buffers, num_batches_tracked too
+    assert len(opt.history) == 4
+
+
+def test_probes_share_random_numbers_and_do_not_consume_them():
+    w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=F64))
+    seen = []
+
+    def closure():
+        seen.append(torch.rand(()).item())
+        return (w**2).sum()
+
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1))
+    torch.manual_seed(7)
+    expected = torch.rand(()).item()
+    torch.manual_seed(7)
+    opt.zero_grad()
+    (w**2).sum().backward()
+    opt.step(closure)
+    assert seen == [expected] * 4
+    assert torch.rand(()).item() == expected
+
+
+# -- nothing lost ----------------------------------------------------------------------------
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("fail_at", [0, 1, 2, 3, 5])
+def test_exception_in_closure_leaves_plain_base_step(fail_at):
+    data = regression(n=32)
+    ref = bn_dropout_model()
+    ref_opt = torch.optim.Adam(
+        [{"params": ref[0].parameters()}, {"params": ref[1:].parameters()}], lr=0.01
+    )
+    torch.manual_seed(5)
+    train(ref, ref_opt, data, 1, closure=False)
+    ref_rng = torch.get_rng_state()
+    model = bn_dropout_model()
+    opt = hidlr.HiDLR(
+        torch.optim.Adam(
+            [{"params": model[0].parameters()}, {"params": model[1:].parameters()}], lr=0.01
+        )
+    )
+    x, y = data
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) - 1 == fail_at:
+            raise Boom("probe failed")
+        return nn.functional.mse_loss(model(x), y)
+
+    torch.manual_seed(5)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(Boom):
+        opt.step(closure)
+    assert torch.equal(torch.get_rng_state(), ref_rng)
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for s, r in zip(flat_state(opt), flat_state(ref_opt), strict=True):
+        assert torch.equal(s, r)
+    assert opt.lrs == [0.01, 0.01]
+    assert opt.history == ()
+    assert opt.steps == 1  # the base step happened; the next step is a plain one
+    assert not opt.is_probe_step()
+
+
+def test_nan_probe_rejects_only_that_group():
+    a = nn.Parameter(torch.tensor([3.0], dtype=F64))
+    b = nn.Parameter(torch.tensor([2.0], dtype=F64))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        value = (a**2).sum() + 2 * (b**2).sum()
+        return value if len(calls) <= 4 else value * float("nan")
+
+    opt = hidlr.HiDLR(torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1), smoothing=0.0)
+    opt.zero_grad()
+    closure().backward()
+    calls.clear()
+    opt.step(closure)
+    ga, gb = opt.history[0].groups
+    assert ga.accepted and opt.lrs[0] == pytest.approx(0.5, rel=1e-10)
+    assert gb.reason == "nonfinite_probe" and opt.lrs[1] == 0.1
+    assert torch.isfinite(b).all() and b.item() == pytest.approx(2.0 - 0.1 * 8.0, rel=1e-12)
+
+
+def test_zero_gradient_missing_grad_and_empty_group_are_skipped_without_probes():
+    a = nn.Parameter(torch.tensor([3.0], dtype=F64))
+    z = nn.Parameter(torch.tensor([1.0], dtype=F64))  # zero gradient
+    n = nn.Parameter(torch.tensor([5.0], dtype=F64))  # never gets a grad
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return (a**2).sum() + 0 * z.sum()
+
+    opt = hidlr.HiDLR(
+        torch.optim.SGD([{"params": [a]}, {"params": [z]}, {"params": [n]}, {"params": []}], lr=0.1)
+    )
+    opt.zero_grad()
+    closure().backward()
+    calls.clear()
+    opt.step(closure)
+    assert len(calls) == 4
+    reasons = [g.reason for g in opt.history[0].groups]
+    assert reasons == ["accepted", "zero_direction", "zero_direction", "empty_group"]
+    assert opt.lrs[1:] == [0.1, 0.1, 0.1]
+    assert z.item() == 1.0 and n.item() == 5.0 and n.grad is None
+
+
+def test_gradient_accumulation_and_clipping():
+    h, q = spd(5, 1)
+    w = nn.Parameter(torch.randn(5, dtype=F64))
+    halves = [lambda: 0.25 * w @ h @ w - 0.5 * q @ w] * 2
+    full = lambda: 0.5 * w @ h @ w - q @ w  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=1.0), smoothing=0.0)
+    opt.zero_grad()
+    for half in halves:
+        half().backward()
+    torch.nn.utils.clip_grad_norm_([w], max_norm=0.5)
+    g = w.grad.clone()
+    assert g.norm().item() == pytest.approx(0.5)
+    w0 = w.detach().clone()
+    opt.step(full)
+    # the clipped, accumulated gradient is the direction; the fit finds the exact line search on it
+    exact = (g @ (h @ w0 - q) / (g @ h @ g)).item()
+    assert opt.lrs[0] == pytest.approx(exact, rel=1e-9)
+
+
+def test_autocast_bfloat16_closure():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    x = torch.randn(256, 8)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    opt = hidlr.HiDLR(
+        torch.optim.SGD(
+            [{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.01
+        ),
+        min_r2=0.5,
+    )
+
+    def loss_fn():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return nn.functional.mse_loss(model(x).float(), y)
+
+    first = loss_fn().item()
+    for _ in range(12):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step(loss_fn)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(opt.history) == 3 and all(r.n_probes == 8 for r in opt.history)
+    assert any(g.accepted for r in opt.history for g in r.groups)
+    assert loss_fn().item() < 0.7 * first
+
+
+# -- checkpoints, schedulers, diagnostics ----------------------------------------------------
+
+
+def make_run(seed=0):
+    model = bn_dropout_model(seed)
+    base = torch.optim.AdamW(
+        [{"params": model[0].parameters()}, {"params": model[1:].parameters()}], lr=0.02
+    )
+    return model, hidlr.HiDLR(base, update_every=2, smoothing=0.5, min_r2=0.5)
+
+
+def test_state_dict_round_trip_continues_bit_identically(tmp_path):
+    data = regression(n=40)
+    model, opt = make_run()
+    torch.manual_seed(11)
+    train(model, opt, data, 5)
+    assert any(g.accepted for r in opt.history for g in r.groups)
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()},
+        tmp_path / "ckpt.pt",
+    )
+    train(model, opt, data, 7)
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    model2, opt2 = make_run(seed=99)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    train(model2, opt2, data, 7)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert opt.lrs == opt2.lrs and opt.steps == opt2.steps == 12
+    assert [json.dumps(r.as_dict()) for r in opt.history] == [
+        json.dumps(r.as_dict()) for r in opt2.history
+    ]
+
+
+def test_load_state_dict_rejects_foreign_dict():
+    _, opt = make_run()
+    with pytest.raises(ValueError, match="keys 'base' and 'hidlr'"):
+        opt.load_state_dict(opt.optimizer.state_dict())
+
+
+def test_scheduler_scales_the_adapted_rate():
+    h, q = spd(4, 2)
+    w = nn.Parameter(torch.randn(4, dtype=F64))
+    loss = lambda: 0.5 * w @ h @ w - q @ w  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.01), update_every=3, smoothing=0.0)
+    warmup = lambda t: min(1.0, (t + 1) / 5)  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+    for t in range(8):
+        opt.zero_grad()
+        loss().backward()
+        g = w.grad.clone()
+        w0 = w.detach().clone()
+        rate = opt.lrs[0]
+        probe = opt.is_probe_step()
+        opt.step(loss)
+        if not probe:  # a plain step uses the adapted rate times the schedule's factor
+            torch.testing.assert_close(w.detach(), w0 - rate * warmup(t) * g, rtol=0, atol=1e-14)
+        else:  # the fit proposes the optimal step; the schedule still scales it
+            eta = (g @ g / (g @ h @ g)).item()
+            assert opt.lrs[0] == pytest.approx(eta, rel=1e-9)
+            torch.testing.assert_close(w.detach(), w0 - eta * warmup(t) * g, rtol=0, atol=1e-14)
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * warmup(t + 1))
+
+
+def test_cosine_scheduler_with_rejected_fits_matches_base_alone():
+    data = regression()
+    ref = small_mlp()
+    ref_opt = torch.optim.SGD(groups_of(ref), lr=0.05)
+    ref_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=10)
+    model = small_mlp()
+    opt = hidlr.HiDLR(torch.optim.SGD(groups_of(model), lr=0.05), min_r2=NEVER)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    for _ in range(10):
+        train(ref, ref_opt, data, 1, closure=False)
+        ref_sched.step()
+        train(model, opt, data, 1)
+        sched.step()
+    for p, r in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, r)
+
+
+def test_history_is_bounded_and_exports(tmp_path):
+    data = regression()
+    model = small_mlp()
+    opt = hidlr.HiDLR(
+        torch.optim.Adam(groups_of(model), lr=0.01), update_every=1, history_size=3, min_r2=0.0
+    )
+    train(model, opt, data, 5)
+    assert [r.step for r in opt.history] == [2, 3, 4]
+    rows = hidlr.history_rows(opt.history)
+    assert len(rows) == 6 and rows[-1]["lr_after"] == opt.lrs[1]
+    saved = json.loads(hidlr.save_history(opt.history, tmp_path / "h.json").read_text())
+    assert [r["group"] for r in saved] == [0, 1] * 3
+    assert saved[0]["b"] == pytest.approx(opt.history[0].groups[0].b)
+    lines = hidlr.save_history(opt.history, tmp_path / "h.csv").read_text().splitlines()
+    assert lines[0].startswith("step,loss,n_probes,group,lr_before,lr_after,proposed,b,A,r2")
+    assert len(lines) == 7
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def sgd():
+    return torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"update_every": 0}, ValueError, r"update_every must be an int >= 1, got 0"),
+        ({"update_every": 2.0}, TypeError, r"update_every must be an int >= 1, got 2.0"),
+        (
+            {"smoothing": 1.0},
+            ValueError,
+            r"smoothing must be a finite float >= 0.0 and < 1.0, got 1.0",
+        ),
+        ({"smoothing": -0.1}, ValueError, r"smoothing must be .* got -0.1"),
+        (
+            {"probe_multipliers": (1, 2)},
+            ValueError,
+            r"probe_multipliers must be a sequence of at least 3",
+        ),
+        ({"probe_multipliers": (0, 1, 2)}, ValueError, r"probe_multipliers must be .*non-zero"),
+        ({"probe_multipliers": (1, 1, 2)}, ValueError, r"probe_multipliers must be .*distinct"),
+        ({"probe_multipliers": (-1, -2, -3)}, ValueError, r"probe_multipliers must be .*> 0"),
+        ({"probe_multipliers": 3}, TypeError, r"probe_multipliers must be a sequence"),
+        ({"min_r2": "high"}, TypeError, r"min_r2 must be a finite float, got 'high'"),
+        ({"min_r2": float("nan")}, ValueError, r"min_r2 must be a finite float, got nan"),
+        ({"coupled": 1}, TypeError, r"coupled must be a bool, got 1"),
+        (
+            {"max_rate_change": 1.0},
+            ValueError,
+            r"max_rate_change must be a finite float > 1.0, got 1.0",
+        ),
+        ({"history_size": -1}, ValueError, r"history_size must be an int >= 0, got -1"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        hidlr.HiDLR(sgd(), **kwargs)
+
+
+def test_bad_optimizer_and_rates():
+    with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer .* got Linear"):
+        hidlr.HiDLR(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="other than HiDLR"):
+        hidlr.HiDLR(hidlr.HiDLR(sgd()))
+    zero = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": 0.0}], lr=0.1)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] must be a finite float > 0"):
+        hidlr.HiDLR(zero)
+    tensor_lr = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=torch.tensor(0.1))
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['lr'\] must be a float"):
+        hidlr.HiDLR(tensor_lr)
+
+
+def test_closure_errors_on_probe_steps():
+    w = nn.Parameter(torch.ones(3))
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1), update_every=2)
+    (w**2).sum().backward()
+    with pytest.raises(
+        ValueError, match=r"closure must be a callable returning the loss .* update_every=2"
+    ):
+        opt.step()
+    with pytest.raises(
+        ValueError, match=r"closure must return a scalar loss, got a tensor of shape \(3,\)"
+    ):
+        opt.step(lambda: w**2)
+    assert torch.equal(w.detach(), torch.ones(3) - 0.1 * 2)  # the base step stands, probes undone
+    opt.step()  # a plain step needs no closure
+    with pytest.raises(
+        TypeError, match="closure must return a scalar loss tensor or float, got str"
+    ):
+        opt.step(lambda: "loss")
+
+
+def test_add_param_group_and_repr():
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = hidlr.HiDLR(torch.optim.SGD([a], lr=0.1))
+    opt.add_param_group({"params": [b], "lr": 0.3})
+    assert opt.lrs == [0.1, 0.3]
+    assert "update_every=4" in repr(opt) and "SGD" in repr(opt)
+    assert copy.deepcopy(opt).lrs == [0.1, 0.3]
