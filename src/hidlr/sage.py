@@ -46,8 +46,8 @@ For ``sage=False`` both forms reduce to ``theta * (1 - lr * weight_decay) - lr *
 Every step is linear in the group's ``lr``: the parameter change is ``lr`` times a quantity
 that does not depend on ``lr`` (HiDLR relies on this).
 
-Where this differs from the authors' code (and why)
----------------------------------------------------
+Choices where the authors' code, the paper's summary or our spec could be read differently
+-----------------------------------------------------------------------------------------
 * The uncertainty is the *instantaneous* ``|I_t - Ihat_t|``, not a moving average of it,
   and the scale is uncertainty over sensitivity with ``eps**2`` in the denominator, exactly
   as in the authors' code. (The task spec said ``(I_bar + eps)``; the code uses ``eps**2``.)
@@ -68,6 +68,15 @@ Where this differs from the authors' code (and why)
   Adamax instead adds it to the gradient).
 * Not reproduced: the authors' per-tensor gradient clipping (``max_grad_norm``; off in their
   MNLI script) and their built-in warm-up schedules (use a torch LR scheduler instead).
+
+Behaviour worth knowing (consequences of the formula, checked in the tests)
+--------------------------------------------------------------------------
+* An entry equal to 0 has ``I = 0`` forever, so its scale is 0 and SAGE never moves it:
+  do not put zero-initialised tensors (fresh biases, zero-init heads) in ``sage`` groups.
+* The scale measures how much the sensitivity *fluctuates*. When ``I_t`` is nearly
+  constant, as in deterministic full-batch training, ``s_t`` decays towards 0 and training
+  can stall; with bias correction and an unchanged sensitivity it is exactly 0. SAGE is
+  meant for mini-batch training, where the sampling noise keeps ``s_t`` of order 1.
 
 Which parameters get SAGE
 -------------------------
