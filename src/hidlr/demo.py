@@ -111,7 +111,9 @@ def save_figure2(results: dict[str, list[Trace]], path: str | Path) -> Path:
         gx = torch.linspace(min(xs) - pad_x, max(xs) + pad_x, 200, dtype=torch.float64)
         gy = torch.linspace(min(ys) - pad_y, max(ys) + pad_y, 200, dtype=torch.float64)
         mx, my = torch.meshgrid(gx, gy, indexing="xy")
-        path_ax.contour(mx.numpy(), my.numpy(), torch.log1p(fn(mx, my)).numpy(), levels=20, alpha=0.5)
+        path_ax.contour(
+            mx.numpy(), my.numpy(), torch.log1p(fn(mx, my)).numpy(), levels=20, alpha=0.5
+        )
         for t in traces:
             label = f"{t.method} (lr={t.lr:.1e})" if t.lr else t.method
             loss_ax.semilogy([max(v, 1e-30) for v in t.losses], label=label)

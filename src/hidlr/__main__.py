@@ -1,0 +1,5 @@
+import sys
+
+from hidlr.cli import main
+
+sys.exit(main())
