@@ -56,3 +56,9 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     if value not in options:
         _fail(name, "one of " + ", ".join(repr(c) for c in options), value)
     return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        _fail(name, "a bool", value, TypeError)
+    return value

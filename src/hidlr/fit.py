@@ -22,7 +22,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuadraticFit", "RateDecision", "fit_quadratic", "propose_rates"]
+__all__ = [
+    "QuadraticFit",
+    "RateDecision",
+    "coupling_ratio",
+    "fit_quadratic",
+    "log_average",
+    "propose_rates",
+    "robust_rate",
+    "smooth_rate",
+    "step_scale",
+]
 
 
 @dataclass(frozen=True)
@@ -182,11 +192,125 @@ def propose_rates(fit: QuadraticFit, *, min_r2: float) -> list[RateDecision]:
 
 
 def smooth_rate(
-    old: float, proposed: float, *, smoothing: float, max_change: float | None
+    old: float,
+    proposed: float,
+    *,
+    smoothing: float,
+    max_change: float | None,
+    space: str = "linear",
 ) -> float:
-    """Algorithm 1, line 15: ``smoothing * old + (1 - smoothing) * proposed``, then the ratio to
-    the old rate clipped to ``[1 / max_change, max_change]`` when a bound is set."""
-    new = smoothing * old + (1.0 - smoothing) * proposed
+    """Algorithm 1, line 15: ``smoothing * old + (1 - smoothing) * proposed`` (``space="linear"``)
+    or the same average of logarithms (``space="log"``: a geometric mean, which noisy
+    proposals of very different sizes cannot drag upward), then the ratio to the old rate
+    clipped to ``[1 / max_change, max_change]`` when a bound is set."""
+    if space == "log":
+        new = math.exp(smoothing * math.log(old) + (1.0 - smoothing) * math.log(proposed))
+    else:
+        new = smoothing * old + (1.0 - smoothing) * proposed
     if max_change is not None:
         new = min(max(new, old / max_change), old * max_change)
     return new
+
+
+def log_average(current: float, new: float, n_before: int, smoothing: float) -> float:
+    """Bias-corrected exponential average of logarithms: the ``(n_before + 1)``-th value of
+    ``exp(EMA(log x))`` when ``current`` is the average of the first ``n_before`` values (the
+    first value replaces ``current`` outright, as in Adam's bias correction)."""
+    weight = (1.0 - smoothing) / (1.0 - smoothing ** (n_before + 1))
+    return math.exp(math.log(current) + weight * (math.log(new) - math.log(current)))
+
+
+@dataclass(frozen=True)
+class RobustStep:
+    """The outcome of :func:`robust_rate` for one group."""
+
+    rate: float
+    n_updates: int
+    action: str  # "update", "grow", "shrink" or "keep"
+
+
+def robust_rate(
+    rate: float,
+    n_updates: int,
+    decision: RateDecision,
+    b: float,
+    a: float,
+    *,
+    smoothing: float,
+    probe_reach: float,
+    growth: float = 2.0,
+    shrink: float = 0.5,
+) -> RobustStep:
+    """Hi-DLR's rate update with safeguards for what the fit cannot answer.
+
+    - an accepted fit below the current rate is taken at once; one above it moves the rate
+      up by a bias-corrected exponential average of log-rates (the first accepted fit replaces
+      the initial rate outright, later ones are averaged with weight ``1 - smoothing``). The
+      rate follows the lower envelope of the proposals: a line search along the current
+      direction can propose a step beyond the stability limit of directions the gradient does
+      not currently point along, and such overshoots grow until they dominate;
+    - a poor fit whose minimiser ``b/A`` lies below the current rate still lowers it, to the
+      geometric mean of the two (a shorter step is the safe side of a doubtful model);
+    - probes that saw no curvature (``A <= 0``, ``|A| * probe_reach <= 0.1 b``: the loss was
+      linear over the probes, ``probe_reach`` being the largest probe offset in rate units)
+      while descending mean the rate is too small to measure: it grows by ``growth``;
+    - probes that ascend (``b <= 0``, ``A > 0``) or blow up (a non-finite loss) mean the step
+      is too long or points the wrong way: the rate shrinks by ``shrink``.
+    """
+    if decision.accepted:
+        proposed = decision.proposed
+        if proposed < rate:  # shorter steps are taken at once: overshooting is what diverges
+            return RobustStep(proposed, n_updates + 1, "update")
+        new = min(log_average(rate, proposed, n_updates, smoothing), growth * rate)
+        return RobustStep(new, n_updates + 1, "update")
+    if decision.reason == "poor_fit" and a > 0 and b > 0 and b / a < rate:
+        return RobustStep(math.sqrt(rate * b / a), n_updates, "shrink")
+    if decision.reason == "not_convex" and b > 0 and abs(a) * probe_reach <= 0.1 * b:
+        return RobustStep(rate * growth, n_updates, "grow")
+    if decision.reason == "nonfinite_probe" or (decision.reason == "not_descent" and a > 0):
+        return RobustStep(rate * shrink, n_updates, "shrink")
+    return RobustStep(rate, n_updates, "keep")
+
+
+def coupling_ratio(fit: QuadraticFit, steps: Sequence[float], loss_at_step: float) -> float | None:
+    """How much the diagonal model of eq. 3.1 over-estimates a combined step, from one probe.
+
+    ``steps[k]`` is group k's step in rate units (0 for a group that does not move) and
+    ``loss_at_step`` the loss measured at the combined step. Along it the loss is
+    ``L0 - B + C / 2`` with ``B = sum_k b_k steps_k``; the measurement gives the true ``C``,
+    the diagonal model predicts ``C_diag = sum_k A_kk steps_k^2``. Returns ``C_diag / C``:
+    1 for groups that do not interact, ``1/K`` for K groups whose steps act alike (LoRA A and B,
+    the sub-networks of an additive model); scaling diagonal rates by it is the Newton step
+    along the combined direction. ``None`` when the measurement says nothing usable.
+    """
+    moving = [(fit.b[k], fit.A[k][k], s) for k, s in enumerate(steps) if s != 0]
+    values = [loss_at_step, fit.intercept] + [v for m in moving for v in m[:2]]
+    if len(moving) < 2 or not all(math.isfinite(v) for v in values):
+        return None
+    slope = sum(b * s for b, _, s in moving)
+    predicted = sum(a * s * s for _, a, s in moving)
+    measured = 2.0 * (loss_at_step - fit.intercept + slope)
+    if predicted <= 0 or measured <= 0:
+        return None
+    return predicted / measured
+
+
+def step_scale(fit: QuadraticFit, steps: Sequence[float], loss_at_step: float) -> float:
+    """The fraction of a combined step to take now, from the loss measured at its end.
+
+    With ``B = sum_k b_k steps_k`` and the measured curvature ``C`` along the step (see
+    :func:`coupling_ratio`), the minimiser is at ``B / C`` of the step. Returns that fraction
+    when it is below 1, 0.5 when the step ascends (``B <= 0`` and a higher loss at its end),
+    and 1 otherwise (including when nothing usable was measured).
+    """
+    moving = [(fit.b[k], s) for k, s in enumerate(steps) if s != 0]
+    values = [loss_at_step, fit.intercept] + [b for b, _ in moving]
+    if not moving or not all(math.isfinite(v) for v in values):
+        return 0.5 if moving and not math.isfinite(loss_at_step) else 1.0
+    slope = sum(b * s for b, s in moving)
+    if slope <= 0:
+        return 0.5 if loss_at_step > fit.intercept else 1.0
+    curvature = 2.0 * (loss_at_step - fit.intercept + slope)
+    if curvature <= 0:
+        return 1.0
+    return min(1.0, slope / curvature)

@@ -45,16 +45,26 @@ class GroupProbe:
     decrease: float
     accepted: bool
     reason: str
+    action: str = "keep"
 
 
 @dataclass(frozen=True)
 class ProbeRecord:
-    """All groups of one probe step; ``loss`` is the fitted unperturbed loss."""
+    """All groups of one probe step.
+
+    ``loss`` is the fitted unperturbed loss. With the joint check: ``step_loss`` is the loss
+    measured at the combined step of all groups, ``coupling_ratio`` the ratio of the diagonal
+    model's curvature along it to the measured one, and ``coupling`` the smoothed factor applied
+    to every group's diagonal rate (1 without the joint check).
+    """
 
     step: int
     loss: float
     n_probes: int
     groups: tuple[GroupProbe, ...]
+    step_loss: float = float("nan")
+    coupling_ratio: float = float("nan")
+    coupling: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +72,9 @@ class ProbeRecord:
             "loss": self.loss,
             "n_probes": self.n_probes,
             "groups": [asdict(g) for g in self.groups],
+            "step_loss": self.step_loss,
+            "coupling_ratio": self.coupling_ratio,
+            "coupling": self.coupling,
         }
 
     @classmethod
@@ -71,6 +84,9 @@ class ProbeRecord:
             float(data["loss"]),
             int(data["n_probes"]),
             tuple(GroupProbe(**g) for g in data["groups"]),
+            float(data.get("step_loss", float("nan"))),
+            float(data.get("coupling_ratio", float("nan"))),
+            float(data.get("coupling", 1.0)),
         )
 
 

@@ -12,8 +12,16 @@ import torch
 from torch.optim import Optimizer
 
 from hidlr._probing import GroupMover, _xor_swap, probe_context
-from hidlr._validation import check_float, check_int
-from hidlr.fit import fit_quadratic, propose_rates, smooth_rate
+from hidlr._validation import check_bool, check_choice, check_float, check_int
+from hidlr.fit import (
+    coupling_ratio,
+    fit_quadratic,
+    log_average,
+    propose_rates,
+    robust_rate,
+    smooth_rate,
+    step_scale,
+)
 from hidlr.history import GroupProbe, ProbeRecord
 
 __all__ = ["HiDLR"]
@@ -104,24 +112,24 @@ class HiDLR(Optimizer):
         min_r2: float = 0.95,
         coupled: bool = False,
         max_rate_change: float | None = None,
+        policy: str = "paper",
         history_size: int = 1000,
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, HiDLR):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer other than HiDLR, got {type(optimizer).__name__}"
             )
-        if not isinstance(coupled, bool):
-            raise TypeError(f"coupled must be a bool, got {coupled!r}")
         self.optimizer = optimizer
         self.options: dict[str, Any] = {
             "update_every": check_int("update_every", update_every, minimum=1),
             "smoothing": check_float("smoothing", smoothing, low=0.0, high=1.0, high_open=True),
             "probe_multipliers": _check_multipliers(probe_multipliers),
             "min_r2": check_float("min_r2", min_r2),
-            "coupled": coupled,
+            "coupled": check_bool("coupled", coupled),
             "max_rate_change": None
             if max_rate_change is None
             else check_float("max_rate_change", max_rate_change, low=1.0, low_open=True),
+            "policy": check_choice("policy", policy, ("robust", "paper")),
         }
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -132,6 +140,8 @@ class HiDLR(Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self._steps = 0
+        self._coupling = 1.0
+        self._coupling_updates = 0
         self._history: deque[ProbeRecord] = deque(
             maxlen=check_int("history_size", history_size, minimum=0)
         )
@@ -181,6 +191,8 @@ class HiDLR(Optimizer):
             "base": self.optimizer.state_dict(),
             "hidlr": {
                 "steps": self._steps,
+                "coupling": self._coupling,
+                "coupling_updates": self._coupling_updates,
                 "options": dict(self.options),
                 "history": [r.as_dict() for r in self._history],
             },
@@ -198,6 +210,8 @@ class HiDLR(Optimizer):
         self.optimizer.load_state_dict(state_dict["base"])
         self.options = options
         self._steps = int(saved["steps"])
+        self._coupling = float(saved["coupling"])
+        self._coupling_updates = int(saved["coupling_updates"])
         self._history = deque(
             (ProbeRecord.from_dict(r) for r in saved["history"]), maxlen=self._history.maxlen
         )
@@ -236,6 +250,8 @@ class HiDLR(Optimizer):
         ref = group.get("initial_lr", lr)
         group.setdefault("hidlr_ref_lr", float(ref))
         group.setdefault("hidlr_lr", float(ref))
+        group.setdefault("hidlr_diag_lr", float(ref))
+        group.setdefault("hidlr_updates", 0)
 
     @staticmethod
     def _effective_lr(group: dict[str, Any]) -> float:
@@ -320,12 +336,13 @@ class HiDLR(Optimizer):
             guard.restore()
             rows.append(placement)
 
+        opts = self.options
         with probe_context(devices) as (rng, guard):
             for k in active:
                 for c in mults:
                     probe({k: c})
                 movers[k].move(-1.0)
-            if self.options["coupled"]:
+            if opts["coupled"]:
                 for i, k in enumerate(active):
                     for l in active[i + 1 :]:
                         for c in (-1.0, 1.0):
@@ -333,32 +350,79 @@ class HiDLR(Optimizer):
                         movers[k].move(-1.0)
                         movers[l].move(-1.0)
 
-        offsets = torch.zeros(len(rows), n, dtype=torch.float64)
-        for r, placement in enumerate(rows):
-            for k, c in placement.items():
-                offsets[r, k] = c
-        losses = (
-            torch.stack([v.to(torch.float64) for v in values]).cpu()
-            if values
-            else torch.zeros(0, dtype=torch.float64)
-        )
-        fit = fit_quadratic(offsets, losses, rates, coupled=self.options["coupled"])
-        decisions = propose_rates(fit, min_r2=self.options["min_r2"])
+            offsets = torch.zeros(len(rows), n, dtype=torch.float64)
+            for r, placement in enumerate(rows):
+                for k, c in placement.items():
+                    offsets[r, k] = c
+            losses = (
+                torch.stack([v.to(torch.float64) for v in values]).cpu()
+                if values
+                else torch.zeros(0, dtype=torch.float64)
+            )
+            fit = fit_quadratic(offsets, losses, rates, coupled=opts["coupled"])
+            decisions = propose_rates(fit, min_r2=opts["min_r2"])
+            diag = [g["hidlr_diag_lr"] for g in groups]
+            counts = [g["hidlr_updates"] for g in groups]
+            actions = ["keep"] * n
+            robust = opts["policy"] == "robust"
+            for k in active:
+                dec = decisions[k]
+                if robust:
+                    out = robust_rate(
+                        diag[k],
+                        counts[k],
+                        dec,
+                        fit.b[k],
+                        fit.A[k][k],
+                        smoothing=opts["smoothing"],
+                        probe_reach=max(abs(c) for c in mults) * rates[k],
+                    )
+                    diag[k], counts[k], actions[k] = out.rate, out.n_updates, out.action
+                    if opts["max_rate_change"] is not None:
+                        bound = opts["max_rate_change"]
+                        diag[k] = min(max(diag[k], rates[k] / bound), rates[k] * bound)
+                elif dec.accepted:
+                    diag[k] = smooth_rate(
+                        diag[k],
+                        dec.proposed,
+                        smoothing=opts["smoothing"],
+                        max_change=opts["max_rate_change"],
+                    )
+                    counts[k] += 1
+                    actions[k] = "update"
+            coupling, step_loss, ratio, backtrack = self._coupling, float("nan"), float("nan"), 1.0
+            if robust and len(active) >= 2:
+                for k in active:
+                    movers[k].move(coupling * diag[k] / rates[k] - 1.0)
+                rng.replay()
+                step_loss = _scalar_loss(closure()).item()
+                guard.restore()
+                steps = [
+                    coupling * diag[k] * used[k] / rates[k] if k in active else 0.0
+                    for k in range(n)
+                ]
+                measured = coupling_ratio(fit, steps, step_loss)
+                backtrack = step_scale(fit, steps, step_loss)
+                if measured is not None:
+                    ratio = measured
+                    coupling = log_average(
+                        coupling,
+                        min(max(measured, 1e-3), 2.0),
+                        self._coupling_updates,
+                        opts["smoothing"],
+                    )
+                    self._coupling_updates += 1
+            new_rates = [coupling * diag[k] if k in active else rates[k] for k in range(n)]
+            this_step = list(new_rates)
+            if robust and len(active) >= 2 and backtrack < 1.0:
+                # the measured combined step overshoots: shorten this step (the rates keep their averages)
+                this_step = [r * backtrack if k in active else r for k, r in enumerate(this_step)]
 
-        new_rates = list(rates)
         records = []
         for k in range(n):
             b, a, r2 = fit.b[k], fit.A[k][k], fit.r2[k]
             if k in active:
-                dec = decisions[k]
-                reason, proposed = dec.reason, dec.proposed
-                if dec.accepted:
-                    new_rates[k] = smooth_rate(
-                        rates[k],
-                        dec.proposed,
-                        smoothing=self.options["smoothing"],
-                        max_change=self.options["max_rate_change"],
-                    )
+                reason, proposed = decisions[k].reason, decisions[k].proposed
             else:
                 reason = "empty_group" if not groups[k]["params"] else "zero_direction"
                 proposed = float("nan")
@@ -375,16 +439,28 @@ class HiDLR(Optimizer):
                     decrease,
                     reason == "accepted",
                     reason,
+                    actions[k],
                 )
             )
         for k, mover in enumerate(movers):
-            if new_rates[k] != rates[k]:
-                mover.move(new_rates[k] / rates[k] - 1.0)
+            if this_step[k] != rates[k]:
+                mover.move(this_step[k] / rates[k] - 1.0)
             else:
                 mover.reset()
-        for g, rate in zip(groups, new_rates, strict=True):
+        for g, rate, d, c in zip(groups, new_rates, diag, counts, strict=True):
             g["hidlr_lr"] = rate
-        record = ProbeRecord(self._steps - 1, fit.intercept, len(values), tuple(records))
+            g["hidlr_diag_lr"] = d
+            g["hidlr_updates"] = c
+        self._coupling = coupling
+        record = ProbeRecord(
+            self._steps - 1,
+            fit.intercept,
+            len(values) + (0 if math.isnan(step_loss) else 1),
+            tuple(records),
+            step_loss,
+            ratio,
+            coupling,
+        )
         self._history.append(record)
         logger.debug("hidlr probe step %d: %s", record.step, record)
 

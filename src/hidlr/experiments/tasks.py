@@ -1,0 +1,460 @@
+"""Small held-out-style training tasks for the robustness benchmark, generated from a seed.
+
+Each task fixes its data (from its own data seed), a model family, a grouping of the
+parameters, a base optimizer, a batch size, a step budget and a 7-point constant-rate grid
+(3 per decade). Half of them (``split="tune"``) may be looked at while choosing defaults; the
+other half (``split="heldout"``) only reports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hidlr.experiments.models import (
+    MLP,
+    NAM,
+    LoRALinear,
+    MixtureOfExperts,
+    MultiHead,
+    SmallCNN,
+    TokenTransformer,
+)
+
+__all__ = ["TASKS", "Problem", "Task", "grid_3_per_decade"]
+
+
+@dataclass
+class Problem:
+    """A model, its param groups (plain dicts with ``params`` and ``name``) and the data."""
+
+    model: nn.Module
+    groups: list[dict[str, Any]]
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # "regression" | "classification"
+    base: str  # "sgd" | "momentum" | "adam" | "adamw"
+    batch_size: int
+    steps: int
+    grid: tuple[float, ...]
+    split: str  # "tune" | "heldout"
+    grouping: str
+    build: Callable[[int], Problem]
+
+    def problem(self, seed: int) -> Problem:
+        return self.build(seed)
+
+
+def grid_3_per_decade(low_exp: int) -> tuple[float, ...]:
+    """Seven rates, three per decade, from ``10**low_exp`` to ``10**(low_exp + 2)``."""
+    return tuple(float(10 ** (low_exp + k / 3)) for k in range(7))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _split(
+    x: torch.Tensor, y: torch.Tensor, n_val: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    return (x[n_val:], y[n_val:]), (x[:n_val], y[:n_val])
+
+
+def _named(model: nn.Module, parts: Mapping[str, Sequence[torch.Tensor]]) -> list[dict[str, Any]]:
+    return [{"params": list(ps), "name": name} for name, ps in parts.items()]
+
+
+def _per_layer(model: nn.Module) -> list[dict[str, Any]]:
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return [{"params": list(m.parameters()), "name": f"layer{i}"} for i, m in enumerate(layers)]
+
+
+def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(pred, y)
+
+
+def _ce(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(pred, y)
+
+
+# -- the tasks ---------------------------------------------------------------------------------
+
+
+def friedman_mlp(seed: int) -> Problem:
+    g = _gen(101)
+    x = torch.rand(3000, 10, generator=g)
+    y = (
+        10 * torch.sin(math.pi * x[:, 0] * x[:, 1])
+        + 20 * (x[:, 2] - 0.5) ** 2
+        + 10 * x[:, 3]
+        + 5 * x[:, 4]
+        + torch.randn(3000, generator=g)
+    )[:, None] / 5
+    torch.manual_seed(seed)
+    model = MLP([10, 64, 64, 1])
+    return Problem(model, _per_layer(model), *_split(x, y, 600), _mse)
+
+
+def spirals_mlp(seed: int) -> Problem:
+    g = _gen(102)
+    n, k = 3000, 3
+    t = torch.rand(n, generator=g) * 2 * math.pi
+    cls = torch.randint(0, k, (n,), generator=g)
+    angle = t + cls * 2 * math.pi / k
+    x = torch.stack([t * torch.cos(angle), t * torch.sin(angle)], dim=1) / 5 + 0.1 * torch.randn(
+        n, 2, generator=g
+    )
+    torch.manual_seed(seed)
+    model = MLP([2, 64, 64, 3], nn.Tanh)
+    return Problem(model, _per_layer(model), *_split(x, cls, 600), _ce)
+
+
+def bars_cnn(seed: int) -> Problem:
+    g = _gen(103)
+    n, size = 2400, 12
+    cls = torch.randint(0, 4, (n,), generator=g)
+    img = 0.5 * torch.randn(n, 1, size, size, generator=g)
+    pos = torch.randint(2, size - 2, (n,), generator=g)
+    idx = torch.arange(size)
+    for i in range(n):
+        c, p = int(cls[i]), int(pos[i])
+        if c == 0:
+            img[i, 0, p, :] += 1.5
+        elif c == 1:
+            img[i, 0, :, p] += 1.5
+        elif c == 2:
+            img[i, 0, idx, idx] += 1.5
+        else:
+            img[i, 0, idx, size - 1 - idx] += 1.5
+    flip = torch.rand(n, generator=g) < 0.1
+    cls = torch.where(flip, torch.randint(0, 4, (n,), generator=g), cls)
+    torch.manual_seed(seed)
+    model = SmallCNN(4)
+    convs = [p for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()]
+    norms = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()]
+    groups = _named(model, {"conv": convs, "norm": norms, "head": list(model.head.parameters())})
+    return Problem(model, groups, *_split(img, cls, 400), _ce)
+
+
+def tokens_transformer(seed: int) -> Problem:
+    g = _gen(104)
+    n, length, vocab = 3000, 16, 12
+    tokens = torch.randint(0, vocab, (n, length), generator=g)
+    counts = torch.stack([(tokens == v).sum(dim=1) for v in range(3)], dim=1)
+    label = counts.argmax(dim=1)
+    flip = torch.rand(n, generator=g) < 0.1
+    label = torch.where(flip, torch.randint(0, 3, (n,), generator=g), label)
+    torch.manual_seed(seed)
+    model = TokenTransformer(vocab, 3)
+    enc = model.encoder.layers[0]
+    attention = list(enc.self_attn.parameters())
+    feedforward = list(enc.linear1.parameters()) + list(enc.linear2.parameters())
+    norms = (
+        list(enc.norm1.parameters()) + list(enc.norm2.parameters()) + list(model.norm.parameters())
+    )
+    groups = _named(
+        model,
+        {
+            "embedding": [model.embed.weight, model.pos],
+            "attention": attention,
+            "feedforward": feedforward,
+            "norm": norms,
+            "head": list(model.head.parameters()),
+        },
+    )
+    return Problem(model, groups, *_split(tokens, label, 600), _ce)
+
+
+def _nam_data(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.rand(n, 10, generator=g) * 2 - 1
+    f = [
+        (2 / 3) * torch.tanh(2 * x[:, 0]),
+        torch.sin(math.pi * x[:, 1]) * torch.cos(math.pi * x[:, 1]) + 2 * x[:, 1] ** 2,
+        2 / (1 + torch.exp(-5 * torch.sin(math.pi * x[:, 2]))),
+        2 * torch.sin(3 * x[:, 3]) ** 2 - torch.cos(math.pi * x[:, 3]),
+        x[:, 4] ** 3,
+        x[:, 5],
+    ]
+    y = sum(f) + 0.3 * torch.randn(n, generator=g)
+    return x, y[:, None]
+
+
+def nam_additive(seed: int) -> Problem:
+    x, y = _nam_data(_gen(105), 3000)
+    torch.manual_seed(seed)
+    model = NAM(10, hidden=16)
+    groups = [
+        {"params": list(f.parameters()), "name": f"f{j}"} for j, f in enumerate(model.features)
+    ]
+    groups.append({"params": [model.bias], "name": "bias"})
+    return Problem(model, groups, *_split(x, y, 600), _mse)
+
+
+def moe_2d(seed: int) -> Problem:
+    g = _gen(106)
+    n = 2400
+    x = torch.rand(n, 2, generator=g) * 6 - 3
+    y = (torch.sin(2 * x[:, 0]) + torch.cos(2 * x[:, 1]) > 0).long()
+    flip = torch.rand(n, generator=g) < 0.1
+    y = torch.where(flip, 1 - y, y)
+    torch.manual_seed(seed)
+    model = MixtureOfExperts(2, 2, n_experts=6, hidden=32)
+    groups = _named(
+        model, {"gate": list(model.gate.parameters()), "experts": list(model.experts.parameters())}
+    )
+    return Problem(model, groups, *_split(x, y, 600), _ce)
+
+
+def multihead(seed: int) -> Problem:
+    g = _gen(107)
+    n = 6000
+    x = torch.randn(n, 8, generator=g)
+    scales = torch.tensor([1.0, 10.0, 0.1, 3.0])
+    z = torch.stack(
+        [
+            torch.sin(x[:, 0] + x[:, 1]),
+            x[:, 2] * x[:, 3],
+            torch.relu(x[:, 4]) - x[:, 5],
+            torch.tanh(x[:, 6] * x[:, 7]),
+        ],
+        dim=1,
+    )
+    y = z * scales / scales.mean() + 0.05 * torch.randn(n, 4, generator=g)
+    torch.manual_seed(seed)
+    model = MultiHead(8, 4, hidden=32)
+    parts = {"trunk": list(model.trunk.parameters())}
+    parts.update({f"head{i}": list(h.parameters()) for i, h in enumerate(model.heads)})
+    return Problem(model, _named(model, parts), *_split(x, y, 1000), _mse)
+
+
+def lora_regression(seed: int) -> Problem:
+    g = _gen(108)
+    d, n, r = 32, 2000, 4
+    w_pre = torch.randn(d, d, generator=g) / math.sqrt(d)
+    delta = torch.randn(d, r, generator=g) @ torch.randn(r, d, generator=g) / d
+    x = torch.randn(n, d, generator=g)
+    y = x @ (w_pre + delta).T + 0.05 * torch.randn(n, d, generator=g)
+    torch.manual_seed(seed)
+    base = nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(w_pre)
+    model = LoRALinear(base, rank=r)
+    groups = _named(model, {"lora_A": [model.lora_A], "lora_B": [model.lora_B]})
+    return Problem(model, groups, *_split(x, y, 400), _mse)
+
+
+def logistic_wide(seed: int) -> Problem:
+    g = _gen(109)
+    n, d = 6000, 50
+    w = torch.randn(d, generator=g)
+    x = torch.randn(n, d, generator=g) * torch.linspace(0.2, 3.0, d)
+    y = (x @ w / 10 + 0.5 * torch.randn(n, generator=g) > 0.3).long()
+    torch.manual_seed(seed)
+    model = nn.Linear(d, 2)
+    return Problem(
+        model,
+        _named(model, {"weight": [model.weight], "bias": [model.bias]}),
+        *_split(x, y, 1000),
+        _ce,
+    )
+
+
+def autoencoder(seed: int) -> Problem:
+    g = _gen(110)
+    n = 2400
+    codes = torch.randn(n, 4, generator=g)
+    x = torch.tanh(codes @ torch.randn(4, 20, generator=g)) + 0.05 * torch.randn(n, 20, generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(MLP([20, 32, 6]), nn.Tanh(), MLP([6, 32, 20]))
+    groups = _named(
+        model, {"encoder": list(model[0].parameters()), "decoder": list(model[2].parameters())}
+    )
+    return Problem(model, groups, *_split(x, x.clone(), 400), _mse)
+
+
+def deep_mlp(seed: int) -> Problem:
+    g = _gen(111)
+    n, d, k = 4000, 20, 5
+    centers = torch.randn(k, d, generator=g) * 1.5
+    cls = torch.randint(0, k, (n,), generator=g)
+    x = centers[cls] + torch.randn(n, d, generator=g) * 1.2
+    torch.manual_seed(seed)
+    model = MLP([d, 64, 64, 64, 64, 64, k])
+    return Problem(model, _per_layer(model), *_split(x, cls, 800), _ce)
+
+
+class _GRURegressor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(1, 32, batch_first=True)
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x)
+        return self.head(out[:, -1])
+
+
+def gru_sequence(seed: int) -> Problem:
+    g = _gen(112)
+    n, length = 2000, 20
+    phase = torch.rand(n, 1, generator=g) * 2 * math.pi
+    freq = 0.2 + torch.rand(n, 1, generator=g) * 0.4
+    t = torch.arange(length + 1, dtype=torch.float32)
+    wave = torch.sin(freq * t + phase) + 0.05 * torch.randn(n, length + 1, generator=g)
+    x, y = wave[:, :length, None], wave[:, length:]
+    torch.manual_seed(seed)
+    model = _GRURegressor()
+    groups = _named(
+        model, {"gru": list(model.gru.parameters()), "head": list(model.head.parameters())}
+    )
+    return Problem(model, groups, *_split(x, y, 400), _mse)
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task(
+            "friedman_mlp",
+            "regression",
+            "sgd",
+            32,
+            600,
+            grid_3_per_decade(-2),
+            "tune",
+            "per-layer",
+            friedman_mlp,
+        ),
+        Task(
+            "spirals_mlp",
+            "classification",
+            "momentum",
+            64,
+            800,
+            grid_3_per_decade(-2),
+            "heldout",
+            "per-layer",
+            spirals_mlp,
+        ),
+        Task(
+            "bars_cnn_bn",
+            "classification",
+            "adamw",
+            32,
+            300,
+            grid_3_per_decade(-3),
+            "tune",
+            "per-role",
+            bars_cnn,
+        ),
+        Task(
+            "tokens_transformer",
+            "classification",
+            "adamw",
+            64,
+            400,
+            grid_3_per_decade(-3),
+            "heldout",
+            "per-role",
+            tokens_transformer,
+        ),
+        Task(
+            "nam_additive",
+            "regression",
+            "sgd",
+            256,
+            600,
+            grid_3_per_decade(-3),
+            "tune",
+            "per-sub-network",
+            nam_additive,
+        ),
+        Task(
+            "moe_2d",
+            "classification",
+            "adam",
+            128,
+            500,
+            grid_3_per_decade(-3),
+            "heldout",
+            "gate/experts",
+            moe_2d,
+        ),
+        Task(
+            "multihead",
+            "regression",
+            "adam",
+            256,
+            300,
+            grid_3_per_decade(-3),
+            "tune",
+            "per-task-head",
+            multihead,
+        ),
+        Task(
+            "lora_regression",
+            "regression",
+            "adamw",
+            16,
+            600,
+            grid_3_per_decade(-4),
+            "heldout",
+            "lora A/B",
+            lora_regression,
+        ),
+        Task(
+            "logistic_wide",
+            "classification",
+            "sgd",
+            512,
+            400,
+            grid_3_per_decade(-2),
+            "tune",
+            "weight/bias",
+            logistic_wide,
+        ),
+        Task(
+            "autoencoder",
+            "regression",
+            "adam",
+            32,
+            600,
+            grid_3_per_decade(-3),
+            "heldout",
+            "encoder/decoder",
+            autoencoder,
+        ),
+        Task(
+            "deep_mlp",
+            "classification",
+            "momentum",
+            128,
+            500,
+            grid_3_per_decade(-3),
+            "tune",
+            "per-layer",
+            deep_mlp,
+        ),
+        Task(
+            "gru_sequence",
+            "regression",
+            "momentum",
+            64,
+            500,
+            grid_3_per_decade(-2),
+            "heldout",
+            "gru/head",
+            gru_sequence,
+        ),
+    ]
+}
