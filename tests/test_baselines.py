@@ -135,9 +135,7 @@ def test_every_registered_method_has_a_training_case() -> None:
 #: step to step here, so a rate fitted on a probe step where the step is tiny (b/A ~ 5000x the
 #: rate) is applied to later steps that are not, and a rejected fit ('not_descent') still
 #: takes the full base step at the old rate. Strict: remove the mark once it passes.
-KNOWN_FAILURES = {
-    "hidlr_sage": "Hi-DLR over SAGE diverges on the fixed least-squares problem (see above)"
-}
+KNOWN_FAILURES: dict[str, str] = {}  # name -> why it is expected to miss its threshold
 
 
 def _marks(name: str) -> list[pytest.MarkDecorator]:

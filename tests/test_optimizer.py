@@ -15,6 +15,11 @@ F64 = torch.float64
 NEVER = 2.0  # min_r2 above 1: no update is ever accepted
 
 
+def paper(base, **options):
+    """Algorithm 1 as written: these tests check the paper's method and its bookkeeping."""
+    return hidlr.HiDLR(base, policy="paper", **options)
+
+
 def spd(d, seed):
     gen = torch.Generator().manual_seed(seed)
     m = torch.randn(d, d, generator=gen, dtype=F64)
@@ -28,7 +33,7 @@ def test_one_group_on_quadratic_is_exact_line_search():
     h, q = spd(6, 0)
     w = nn.Parameter(torch.randn(6, dtype=F64))
     loss = lambda: 0.5 * w @ h @ w - q @ w  # noqa: E731
-    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.01), smoothing=0.0, update_every=1)
+    opt = paper(torch.optim.SGD([w], lr=0.01), smoothing=0.0, update_every=1)
     opt.zero_grad()
     loss().backward()
     g = w.grad.clone()
@@ -47,7 +52,7 @@ def test_two_groups_on_ellipse_is_newton():
     x = nn.Parameter(torch.tensor(50.0, dtype=F64))
     y = nn.Parameter(torch.tensor(1.0, dtype=F64))
     loss = lambda: ellipse(x, y)  # noqa: E731
-    opt = hidlr.HiDLR(
+    opt = paper(
         torch.optim.SGD([{"params": [x]}, {"params": [y]}], lr=1e-3), smoothing=0.0, update_every=1
     )
     opt.zero_grad()
@@ -62,7 +67,7 @@ def test_beale_plus_rosenbrock_reaches_minimum():
     x = nn.Parameter(torch.tensor(4.0, dtype=F64))
     y = nn.Parameter(torch.tensor(3.0, dtype=F64))
     loss = lambda: beale_rosenbrock(x, y)  # noqa: E731
-    opt = hidlr.HiDLR(torch.optim.SGD([{"params": [x]}, {"params": [y]}], lr=1e-3), update_every=1)
+    opt = paper(torch.optim.SGD([{"params": [x]}, {"params": [y]}], lr=1e-3), update_every=1)
     for _ in range(100):
         opt.zero_grad()
         loss().backward()
@@ -80,7 +85,7 @@ def test_coupled_solves_joint_quadratic_exactly():
     a = nn.Parameter(torch.tensor([0.3, 0.7], dtype=F64))
     b = nn.Parameter(torch.tensor([-0.2, 0.1], dtype=F64))
     loss = lambda: 0.5 * torch.cat([a, b]) @ h @ torch.cat([a, b]) - q @ torch.cat([a, b])  # noqa: E731
-    opt = hidlr.HiDLR(
+    opt = paper(
         torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.01),
         smoothing=0.0,
         update_every=1,
@@ -164,7 +169,7 @@ def test_rejected_probes_leave_base_trajectory_bit_identical(name):
     ref_opt = BASES[name](groups_of(ref))
     train(ref, ref_opt, data, 9, closure=False)
     model = small_mlp()
-    opt = hidlr.HiDLR(BASES[name](groups_of(model)), update_every=2, min_r2=NEVER)
+    opt = paper(BASES[name](groups_of(model)), update_every=2, min_r2=NEVER)
     train(model, opt, data, 9)
     for p, r in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.equal(p, r)
@@ -181,7 +186,7 @@ def test_rejected_probes_keep_third_party_optimizers_bit_identical(name):
     data = regression()
     ref, model = small_mlp(), small_mlp()
     ref_opt = cls(groups_of(ref), lr=1.0 if name != "schedulefree" else 0.01)
-    opt = hidlr.HiDLR(
+    opt = paper(
         cls(groups_of(model), lr=1.0 if name != "schedulefree" else 0.01),
         update_every=2,
         min_r2=NEVER,
@@ -207,7 +212,7 @@ def test_accepted_update_rescales_the_base_step(name):
     train(ref, ref_opt, data, 1, closure=False)
     delta = [r.detach() - p for r, p in zip(ref.parameters(), w0, strict=True)]
     model = small_mlp()
-    opt = hidlr.HiDLR(BASES[name](groups_of(model)), smoothing=0.5, min_r2=-1e9)
+    opt = paper(BASES[name](groups_of(model)), smoothing=0.5, min_r2=-1e9)
     before = opt.lrs
     train(model, opt, data, 1)
     ratios = [a / b for a, b in zip(opt.lrs, before, strict=True)]
@@ -236,7 +241,7 @@ def test_dropout_batchnorm_training_is_bit_identical_when_nothing_is_accepted():
     train(ref, ref_opt, data, 10, closure=False)
     ref_rng = torch.rand(3)
     model = bn_dropout_model()
-    opt = hidlr.HiDLR(
+    opt = paper(
         torch.optim.AdamW(
             [{"params": model[0].parameters()}, {"params": model[1:].parameters()}], lr=0.01
         ),
@@ -259,7 +264,7 @@ def test_probes_share_random_numbers_and_do_not_consume_them():
         seen.append(torch.rand(()).item())
         return (w**2).sum()
 
-    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1))
+    opt = paper(torch.optim.SGD([w], lr=0.1))
     torch.manual_seed(7)
     expected = torch.rand(()).item()
     torch.manual_seed(7)
@@ -288,7 +293,7 @@ def test_exception_in_closure_leaves_plain_base_step(fail_at):
     train(ref, ref_opt, data, 1, closure=False)
     ref_rng = torch.get_rng_state()
     model = bn_dropout_model()
-    opt = hidlr.HiDLR(
+    opt = paper(
         torch.optim.Adam(
             [{"params": model[0].parameters()}, {"params": model[1:].parameters()}], lr=0.01
         )
@@ -328,7 +333,7 @@ def test_nan_probe_rejects_only_that_group():
         value = (a**2).sum() + 2 * (b**2).sum()
         return value if len(calls) <= 4 else value * float("nan")
 
-    opt = hidlr.HiDLR(torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1), smoothing=0.0)
+    opt = paper(torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1), smoothing=0.0)
     opt.zero_grad()
     closure().backward()
     calls.clear()
@@ -349,7 +354,7 @@ def test_zero_gradient_missing_grad_and_empty_group_are_skipped_without_probes()
         calls.append(1)
         return (a**2).sum() + 0 * z.sum()
 
-    opt = hidlr.HiDLR(
+    opt = paper(
         torch.optim.SGD([{"params": [a]}, {"params": [z]}, {"params": [n]}, {"params": []}], lr=0.1)
     )
     opt.zero_grad()
@@ -368,7 +373,7 @@ def test_gradient_accumulation_and_clipping():
     w = nn.Parameter(torch.randn(5, dtype=F64))
     halves = [lambda: 0.25 * w @ h @ w - 0.5 * q @ w] * 2
     full = lambda: 0.5 * w @ h @ w - q @ w  # noqa: E731
-    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=1.0), smoothing=0.0)
+    opt = paper(torch.optim.SGD([w], lr=1.0), smoothing=0.0)
     opt.zero_grad()
     for half in halves:
         half().backward()
@@ -387,7 +392,7 @@ def test_autocast_bfloat16_closure():
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
     x = torch.randn(256, 8)
     y = x[:, :1] * 2 - x[:, 1:2]
-    opt = hidlr.HiDLR(
+    opt = paper(
         torch.optim.SGD(
             [{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.01
         ),
@@ -417,7 +422,7 @@ def make_run(seed=0):
     base = torch.optim.AdamW(
         [{"params": model[0].parameters()}, {"params": model[1:].parameters()}], lr=0.02
     )
-    return model, hidlr.HiDLR(base, update_every=2, smoothing=0.5, min_r2=0.5)
+    return model, paper(base, update_every=2, smoothing=0.5, min_r2=0.5)
 
 
 def test_state_dict_round_trip_continues_bit_identically(tmp_path):
@@ -456,7 +461,7 @@ def test_scheduler_scales_the_adapted_rate():
     h, q = spd(4, 2)
     w = nn.Parameter(torch.randn(4, dtype=F64))
     loss = lambda: 0.5 * w @ h @ w - q @ w  # noqa: E731
-    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.01), update_every=3, smoothing=0.0)
+    opt = paper(torch.optim.SGD([w], lr=0.01), update_every=3, smoothing=0.0)
     warmup = lambda t: min(1.0, (t + 1) / 5)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
     for t in range(8):
@@ -483,7 +488,7 @@ def test_cosine_scheduler_with_rejected_fits_matches_base_alone():
     ref_opt = torch.optim.SGD(groups_of(ref), lr=0.05)
     ref_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=10)
     model = small_mlp()
-    opt = hidlr.HiDLR(torch.optim.SGD(groups_of(model), lr=0.05), min_r2=NEVER)
+    opt = paper(torch.optim.SGD(groups_of(model), lr=0.05), min_r2=NEVER)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
     for _ in range(10):
         train(ref, ref_opt, data, 1, closure=False)
@@ -497,7 +502,7 @@ def test_cosine_scheduler_with_rejected_fits_matches_base_alone():
 def test_history_is_bounded_and_exports(tmp_path):
     data = regression()
     model = small_mlp()
-    opt = hidlr.HiDLR(
+    opt = paper(
         torch.optim.Adam(groups_of(model), lr=0.01), update_every=1, history_size=3, min_r2=0.0
     )
     train(model, opt, data, 5)

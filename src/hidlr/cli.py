@@ -1,4 +1,4 @@
-"""The ``hidlr`` command: ``hidlr demo`` (Figure 2 of the paper)."""
+"""The ``hidlr`` command: ``hidlr demo`` (Figure 2 of the paper), ``hidlr bench robustness``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,43 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_robustness(args: argparse.Namespace) -> int:
+    import json
+
+    from hidlr.experiments.robustness import format_summary, run_benchmark, summarize
+    from hidlr.experiments.tasks import TASKS
+
+    tasks = args.tasks or [n for n, t in TASKS.items() if args.split in ("all", t.split)]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        print(f"unknown task(s) {unknown}; tasks are: {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+
+    def progress(i: int, total: int, record: dict) -> None:
+        print(
+            f"\r[{i}/{total}] {record['task']} {record['method']} seed={record['seed']} "
+            f"val={record['val_loss']:.4g}".ljust(79),
+            end="" if i < total else "\n",
+            flush=True,
+        )
+
+    path = run_benchmark(
+        args.out,
+        tasks=tasks,
+        seeds=tuple(range(args.seeds)),
+        sweep=not args.no_sweep,
+        steps_scale=args.steps_scale,
+        workers=args.workers,
+        progress=progress,
+    )
+    summary = summarize(path)
+    (path.parent / "summary.json").write_text(json.dumps(summary, indent=1))
+    text = format_summary(summary)
+    (path.parent / "summary.txt").write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hidlr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-plot", action="store_true", help="print the table only (no matplotlib needed)"
     )
     demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    rob = bench.add_parser(
+        "robustness", help="Hi-DLR vs grid search and LR-free optimizers on 12 tasks"
+    )
+    rob.add_argument(
+        "--out", default="runs/robustness", help="results folder (resumes what is there)"
+    )
+    rob.add_argument("--seeds", type=int, default=3, help="seeds per task (default: 3)")
+    rob.add_argument(
+        "--split", choices=("all", "tune", "heldout"), default="all", help="which tasks"
+    )
+    rob.add_argument("--tasks", nargs="*", help="task names (default: the split's)")
+    rob.add_argument("--no-sweep", action="store_true", help="skip the initial-rate sweep")
+    rob.add_argument(
+        "--steps-scale", type=float, default=1.0, help="scale every task's steps (quick runs)"
+    )
+    rob.add_argument("--workers", type=int, default=2, help="processes (default: 2)")
+    rob.set_defaults(func=_bench_robustness)
     return parser
 
 

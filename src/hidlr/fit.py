@@ -48,6 +48,7 @@ class QuadraticFit:
     A: tuple[tuple[float, ...], ...]
     r2: tuple[float, ...]
     coupled: bool
+    spread: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def fit_quadratic(
         tuple((nan,) * n_groups for _ in range(n_groups)),
         (nan,) * n_groups,
         coupled,
+        (nan,) * n_groups,
     )
     if not groups:
         return empty
@@ -116,6 +118,7 @@ def fit_quadratic(
     b = [nan] * n_groups
     a = [[nan] * n_groups for _ in range(n_groups)]
     r2 = [nan] * n_groups
+    spread = [nan] * n_groups
     pairs = iter(coef[1 + 2 * m :].tolist())
     for i, k in enumerate(groups):
         b[k] = coef[1 + i].item() / rates[k]
@@ -131,8 +134,9 @@ def fit_quadratic(
         ss_tot = ((y[own] - y[own].mean()) ** 2).sum().item()
         ss_res = ((y[own] - pred[own]) ** 2).sum().item()
         r2[k] = 1.0 - ss_res / ss_tot if ss_tot > 0 else nan
+        spread[k] = (y[own].max() - y[own].min()).item() if own.any() else nan
     return QuadraticFit(
-        coef[0].item(), tuple(b), tuple(tuple(row) for row in a), tuple(r2), coupled
+        coef[0].item(), tuple(b), tuple(tuple(row) for row in a), tuple(r2), coupled, tuple(spread)
     )
 
 
@@ -238,14 +242,15 @@ def robust_rate(
     *,
     smoothing: float,
     probe_reach: float,
+    resolved: bool = True,
     growth: float = 2.0,
     shrink: float = 0.5,
 ) -> RobustStep:
     """Hi-DLR's rate update with safeguards for what the fit cannot answer.
 
     - an accepted fit below the current rate is taken at once; one above it moves the rate
-      up by a bias-corrected exponential average of log-rates (the first accepted fit replaces
-      the initial rate outright, later ones are averaged with weight ``1 - smoothing``). The
+      up by a bias-corrected exponential average of log-rates (weight ``1 - smoothing`` once
+      warmed up, more for the first updates), by at most a factor ``growth`` per update. The
       rate follows the lower envelope of the proposals: a line search along the current
       direction can propose a step beyond the stability limit of directions the gradient does
       not currently point along, and such overshoots grow until they dominate;
@@ -253,7 +258,8 @@ def robust_rate(
       geometric mean of the two (a shorter step is the safe side of a doubtful model);
     - probes that saw no curvature (``A <= 0``, ``|A| * probe_reach <= 0.1 b``: the loss was
       linear over the probes, ``probe_reach`` being the largest probe offset in rate units)
-      while descending mean the rate is too small to measure: it grows by ``growth``;
+      while descending, or whose losses differ by less than float32 can resolve
+      (``resolved=False``), mean the rate is too small to measure: it grows by ``growth``;
     - probes that ascend (``b <= 0``, ``A > 0``) or blow up (a non-finite loss) mean the step
       is too long or points the wrong way: the rate shrinks by ``shrink``.
     """
@@ -265,7 +271,9 @@ def robust_rate(
         return RobustStep(new, n_updates + 1, "update")
     if decision.reason == "poor_fit" and a > 0 and b > 0 and b / a < rate:
         return RobustStep(math.sqrt(rate * b / a), n_updates, "shrink")
-    if decision.reason == "not_convex" and b > 0 and abs(a) * probe_reach <= 0.1 * b:
+    if not resolved or (
+        decision.reason == "not_convex" and b > 0 and abs(a) * probe_reach <= 0.1 * b
+    ):
         return RobustStep(rate * growth, n_updates, "grow")
     if decision.reason == "nonfinite_probe" or (decision.reason == "not_descent" and a > 0):
         return RobustStep(rate * shrink, n_updates, "shrink")

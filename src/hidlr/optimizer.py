@@ -112,7 +112,7 @@ class HiDLR(Optimizer):
         min_r2: float = 0.95,
         coupled: bool = False,
         max_rate_change: float | None = None,
-        policy: str = "paper",
+        policy: str = "robust",
         history_size: int = 1000,
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, HiDLR):
@@ -376,6 +376,7 @@ class HiDLR(Optimizer):
                         fit.A[k][k],
                         smoothing=opts["smoothing"],
                         probe_reach=max(abs(c) for c in mults) * rates[k],
+                        resolved=not fit.spread[k] < 1e-5 * abs(fit.intercept),
                     )
                     diag[k], counts[k], actions[k] = out.rate, out.n_updates, out.action
                     if opts["max_rate_change"] is not None:

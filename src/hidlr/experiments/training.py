@@ -116,7 +116,11 @@ def train_run(
     model.train()
     for step in range(steps):
         idx = batches[step]
-        probe_idx = batches[step + 1] if probe_batch == "next" else idx
+        probe_idx = {
+            "next": batches[step + 1],
+            "same": idx,
+            "both": torch.cat([idx, batches[step + 1]]),
+        }[probe_batch]
         built.optimizer.zero_grad()
         loss = problem.loss_fn(model(x[idx]), y[idx])
         if not math.isfinite(loss.item()):

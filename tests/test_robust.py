@@ -1,0 +1,172 @@
+"""The robust rate policy: its rules one by one, the joint (coupling) correction, and its
+behaviour where Algorithm 1 taken literally fails."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import hidlr
+from hidlr.fit import (
+    QuadraticFit,
+    RateDecision,
+    coupling_ratio,
+    log_average,
+    robust_rate,
+    step_scale,
+)
+
+F64 = torch.float64
+ACCEPT = RateDecision(0.0, True, "accepted")
+
+
+def accepted(p):
+    return RateDecision(p, True, "accepted")
+
+
+def rejected(reason):
+    return RateDecision(float("nan"), False, reason)
+
+
+def test_log_average_is_bias_corrected():
+    assert log_average(1.0, 100.0, 0, 0.9) == pytest.approx(100.0)  # the first value replaces
+    second = log_average(100.0, 1.0, 1, 0.9)  # (0.1*log 100 * 0.9 + 0.1 * log 1) / (1 - 0.81)
+    assert math.log(second) == pytest.approx(0.9 * 0.1 * math.log(100.0) / 0.19, rel=1e-12)
+    assert log_average(2.0, 8.0, 10**6, 0.5) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(
+    ("decision", "b", "a", "resolved", "expected", "action"),
+    [
+        (accepted(0.1), 1.0, 10.0, True, 0.1, "update"),  # decreases at once
+        (accepted(100.0), 1.0, 0.01, True, 2.0, "update"),  # increases capped at growth
+        (rejected("poor_fit"), 1.0, 4.0, True, 0.5, "shrink"),  # sqrt(1 * 0.25)
+        (rejected("poor_fit"), 1.0, 0.5, True, 1.0, "keep"),  # a doubtful increase is not taken
+        (rejected("not_convex"), 1.0, -1e-3, True, 2.0, "grow"),  # linear over the probes
+        (rejected("not_convex"), 1.0, -5.0, True, 1.0, "keep"),  # concave: no evidence either way
+        (rejected("flat"), float("nan"), float("nan"), False, 2.0, "grow"),  # unresolved: too small
+        (rejected("not_descent"), -1.0, 3.0, True, 0.5, "shrink"),
+        (rejected("nonfinite_probe"), float("nan"), float("nan"), True, 0.5, "shrink"),
+    ],
+)
+def test_robust_rate_rules(decision, b, a, resolved, expected, action):
+    out = robust_rate(1.0, 3, decision, b, a, smoothing=0.9, probe_reach=2.0, resolved=resolved)
+    assert out.rate == pytest.approx(expected)
+    assert out.action == action
+    assert out.n_updates == (4 if decision.accepted else 3)
+
+
+def fit_of(b, a, intercept=1.0):
+    n = len(b)
+    return QuadraticFit(
+        intercept,
+        tuple(b),
+        tuple(tuple(a[k] if k == l else 0.0 for l in range(n)) for k in range(n)),
+        (1.0,) * n,
+        False,
+        (1.0,) * n,
+    )
+
+
+def test_coupling_ratio_and_step_scale_on_a_known_quadratic():
+    # L(s1, s2) = 1 - s1 - s2 + (s1 + s2)^2 / 2: each group alone has b = 1, A = 1
+    fit = fit_of([1.0, 1.0], [1.0, 1.0])
+    steps = [1.0, 1.0]  # each group's own Newton step
+    loss = 1 - 2 + 0.5 * 4  # measured at the combined step: 1.0
+    assert coupling_ratio(fit, steps, loss) == pytest.approx(0.5)  # C_diag = 2, C = 4
+    assert step_scale(fit, steps, loss) == pytest.approx(0.5)  # the minimiser is half-way
+    assert coupling_ratio(fit, [1.0, 0.0], 0.5) is None  # one moving group: nothing to couple
+    assert step_scale(fit, steps, float("inf")) == 0.5
+    assert step_scale(fit_of([-1.0, -1.0], [1.0, 1.0]), steps, 2.0) == 0.5  # ascends: halve
+    assert step_scale(fit, steps, 1 - 2 + 0.5 * 2) == 1.0  # no overshoot: take it all
+
+
+def additive_problem():
+    a = nn.Parameter(torch.tensor([0.0], dtype=F64))
+    b = nn.Parameter(torch.tensor([0.0], dtype=F64))
+    target = torch.tensor([3.0], dtype=F64)
+    return a, b, lambda: 0.5 * ((a + b - target) ** 2).sum()
+
+
+def test_groups_that_add_up_overshoot_with_the_diagonal_model_but_not_with_the_joint_check():
+    a, b, loss = additive_problem()
+    opt = hidlr.HiDLR(
+        torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1),
+        policy="paper",
+        smoothing=0.0,
+        update_every=1,
+    )
+    opt.zero_grad()
+    loss().backward()
+    opt.step(loss)
+    assert opt.lrs == pytest.approx([1.0, 1.0])  # each group's own exact line search...
+    assert loss().item() == pytest.approx(4.5)  # ...and together they jump to the mirror point
+
+    a, b, loss = additive_problem()
+    opt = hidlr.HiDLR(
+        torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1), smoothing=0.0, update_every=1
+    )
+    for _ in range(10):
+        opt.zero_grad()
+        loss().backward()
+        opt.step(loss)
+    rec = opt.history[0]
+    assert rec.coupling_ratio == pytest.approx(0.5, rel=1e-9)  # C_diag / C for two equal steps
+    assert loss().item() < 1e-12
+    assert opt.lrs == pytest.approx([0.5, 0.5])  # the Newton step along the combined direction
+
+
+@pytest.mark.parametrize("start", [1e-7, 1e-3, 0.5, 5.0])
+def test_quadratic_from_any_initial_rate_never_diverges(start):
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(8, 8, generator=gen, dtype=F64)
+    h = m @ m.T / 8 + 0.1 * torch.eye(8, dtype=F64)
+    w = nn.Parameter(torch.randn(8, generator=gen, dtype=F64))
+    loss = lambda: 0.5 * w @ h @ w  # noqa: E731
+    first = loss().item()
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=start), update_every=1)
+    worst = first
+    for _ in range(60):
+        opt.zero_grad()
+        loss().backward()
+        opt.step(loss)
+        worst = max(worst, loss().item())
+    assert worst <= first * (1 + 1e-12)  # the loss never rose above its start
+    assert loss().item() < 1e-2 * first
+    eigs = torch.linalg.eigvalsh(h)
+    assert opt.lrs[0] < 2 / eigs[0].item()  # a rate no larger than the flattest direction allows
+
+
+def test_robust_checkpoint_resumes_bit_identically(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)).to(F64)
+        base = torch.optim.Adam(
+            [{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.01
+        )
+        return model, hidlr.HiDLR(base, update_every=2)
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 4, generator=gen, dtype=F64)
+    y = torch.sin(x.sum(dim=1, keepdim=True))
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step(lambda: nn.functional.mse_loss(model(x), y))
+
+    model, opt = make()
+    train(model, opt, 5)
+    torch.save({"m": model.state_dict(), "o": opt.state_dict()}, tmp_path / "c.pt")
+    train(model, opt, 6)
+    model2, opt2 = make()
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    model2.load_state_dict(ckpt["m"])
+    opt2.load_state_dict(ckpt["o"])
+    train(model2, opt2, 6)
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert opt.lrs == opt2.lrs
+    assert opt.state_dict()["hidlr"]["coupling"] == opt2.state_dict()["hidlr"]["coupling"]
