@@ -16,6 +16,7 @@ REASONS = (
     "accepted",
     "zero_direction",
     "empty_group",
+    "frozen",
     "nonfinite_probe",
     "flat",
     "not_convex",
@@ -32,7 +33,9 @@ class GroupProbe:
     units, ``r2`` the fit quality on the group's own probes, ``proposed`` the rate ``b / A``
     (or the coupled solution), ``lr_before`` / ``lr_after`` the adapted rate around the
     update, and ``decrease`` the loss decrease the fit predicts for the group's own optimal
-    step, ``b^2 / (2 A)`` (NaN unless the group is convex and descending).
+    step, ``b^2 / (2 A)`` (NaN unless the group is convex and descending). ``action`` is what
+    the rate policy did (``update``, ``grow``, ``shrink``, ``keep``); ``influence`` the smoothed
+    predicted decrease after this step and ``share`` its share among the unfrozen groups.
     """
 
     group: int
@@ -46,6 +49,8 @@ class GroupProbe:
     accepted: bool
     reason: str
     action: str = "keep"
+    influence: float = float("nan")
+    share: float = float("nan")
 
 
 @dataclass(frozen=True)

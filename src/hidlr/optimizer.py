@@ -14,6 +14,8 @@ from torch.optim import Optimizer
 from hidlr._probing import GroupMover, _xor_swap, probe_context
 from hidlr._validation import check_bool, check_choice, check_float, check_int
 from hidlr.fit import (
+    QuadraticFit,
+    RateDecision,
     coupling_ratio,
     fit_quadratic,
     log_average,
@@ -23,6 +25,7 @@ from hidlr.fit import (
     step_scale,
 )
 from hidlr.history import GroupProbe, ProbeRecord
+from hidlr.influence import choose_frozen, predicted_decrease, update_influence
 
 __all__ = ["HiDLR"]
 
@@ -113,6 +116,9 @@ class HiDLR(Optimizer):
         coupled: bool = False,
         max_rate_change: float | None = None,
         policy: str = "robust",
+        freeze_threshold: float | None = None,
+        freeze_budget: int | None = None,
+        freeze_warmup: int = 10,
         history_size: int = 1000,
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, HiDLR):
@@ -130,6 +136,20 @@ class HiDLR(Optimizer):
             if max_rate_change is None
             else check_float("max_rate_change", max_rate_change, low=1.0, low_open=True),
             "policy": check_choice("policy", policy, ("robust", "paper")),
+            "freeze_threshold": None
+            if freeze_threshold is None
+            else check_float(
+                "freeze_threshold",
+                freeze_threshold,
+                low=0.0,
+                high=1.0,
+                low_open=True,
+                high_open=True,
+            ),
+            "freeze_budget": None
+            if freeze_budget is None
+            else check_int("freeze_budget", freeze_budget, minimum=1),
+            "freeze_warmup": check_int("freeze_warmup", freeze_warmup, minimum=0),
         }
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -215,6 +235,9 @@ class HiDLR(Optimizer):
         self._history = deque(
             (ProbeRecord.from_dict(r) for r in saved["history"]), maxlen=self._history.maxlen
         )
+        for group in self.param_groups:  # a checkpoint from before a freeze unfreezes
+            for p in group["params"]:
+                p.requires_grad_(not group.get("hidlr_frozen", False))
 
     # -- what users read -------------------------------------------------------------------
 
@@ -222,6 +245,42 @@ class HiDLR(Optimizer):
     def lrs(self) -> list[float]:
         """The adapted rate of each param group (before any scheduler factor)."""
         return [g["hidlr_lr"] for g in self.param_groups]
+
+    @property
+    def influence(self) -> list[float]:
+        """Each group's smoothed predicted loss decrease ``b^2 / (2A)`` from its own step."""
+        return [g["hidlr_influence"] for g in self.param_groups]
+
+    @property
+    def influence_share(self) -> list[float]:
+        """Each group's share of the total influence of the groups not frozen (0 if frozen)."""
+        live = [
+            0.0 if g["hidlr_frozen"] else max(g["hidlr_influence"], 0.0) for g in self.param_groups
+        ]
+        total = sum(live)
+        return [v / total if total > 0 else 0.0 for v in live]
+
+    @property
+    def frozen(self) -> list[bool]:
+        """Which groups are frozen."""
+        return [bool(g["hidlr_frozen"]) for g in self.param_groups]
+
+    def freeze(self, index: int) -> None:
+        """Freeze group ``index``: no gradient is computed for it (``requires_grad`` off), its
+        optimizer state is released and no probe is spent on it. Recorded in checkpoints."""
+        group = self.param_groups[index]
+        group["hidlr_frozen"] = True
+        for p in group["params"]:
+            p.requires_grad_(False)
+            p.grad = None
+            self.optimizer.state.pop(p, None)
+
+    def unfreeze(self, index: int) -> None:
+        """Train group ``index`` again; its optimizer state starts afresh."""
+        group = self.param_groups[index]
+        group["hidlr_frozen"] = False
+        for p in group["params"]:
+            p.requires_grad_(True)
 
     @property
     def steps(self) -> int:
@@ -252,6 +311,9 @@ class HiDLR(Optimizer):
         group.setdefault("hidlr_lr", float(ref))
         group.setdefault("hidlr_diag_lr", float(ref))
         group.setdefault("hidlr_updates", 0)
+        group.setdefault("hidlr_influence", 0.0)
+        group.setdefault("hidlr_probes", 0)
+        group.setdefault("hidlr_frozen", False)
 
     @staticmethod
     def _effective_lr(group: dict[str, Any]) -> float:
@@ -310,36 +372,42 @@ class HiDLR(Optimizer):
             raise
 
     def _probe_and_update(self, closure: Closure, movers: list[GroupMover]) -> None:
-        groups = self.param_groups
+        """Probe, fit, decide the new rates, move to this step's final point, then commit.
+
+        Nothing on ``self`` or in the param groups changes before the commit at the end, so an
+        exception anywhere leaves the rates as they were (the caller restores the weights).
+        """
+        opts, groups = self.options, self.param_groups
         n = len(groups)
-        mults = self.options["probe_multipliers"]
         rates = [g["hidlr_lr"] for g in groups]
         used = [self._effective_lr(g) for g in groups]
-        moved_flags = [
+        flags = [
             torch.stack([torch.ne(p, w).any() for p, w in zip(m.params, m.w1, strict=True)]).any()
-            if m.params
+            if m.params and not g["hidlr_frozen"]
             else torch.zeros((), dtype=torch.bool)
-            for m in movers
+            for m, g in zip(movers, groups, strict=True)
         ]
-        moved = torch.stack([f.cpu() for f in moved_flags]).tolist() if moved_flags else []
+        moved = torch.stack([f.cpu() for f in flags]).tolist() if flags else []
         active = [k for k in range(n) if moved[k]]
-
         rows: list[dict[int, float]] = []
         values: list[torch.Tensor] = []
         devices = list({p.device for m in movers for p in m.params})
 
+        def evaluate() -> torch.Tensor:
+            rng.replay()
+            loss = _scalar_loss(closure())
+            guard.restore()
+            return loss
+
         def probe(placement: dict[int, float]) -> None:
             for k, c in placement.items():
                 movers[k].move(c * rates[k] / used[k] - 1.0)
-            rng.replay()
-            values.append(_scalar_loss(closure()))
-            guard.restore()
+            values.append(evaluate())
             rows.append(placement)
 
-        opts = self.options
         with probe_context(devices) as (rng, guard):
             for k in active:
-                for c in mults:
+                for c in opts["probe_multipliers"]:
                     probe({k: c})
                 movers[k].move(-1.0)
             if opts["coupled"]:
@@ -349,85 +417,61 @@ class HiDLR(Optimizer):
                             probe({k: c, l: c})
                         movers[k].move(-1.0)
                         movers[l].move(-1.0)
-
-            offsets = torch.zeros(len(rows), n, dtype=torch.float64)
-            for r, placement in enumerate(rows):
-                for k, c in placement.items():
-                    offsets[r, k] = c
-            losses = (
-                torch.stack([v.to(torch.float64) for v in values]).cpu()
-                if values
-                else torch.zeros(0, dtype=torch.float64)
-            )
-            fit = fit_quadratic(offsets, losses, rates, coupled=opts["coupled"])
+            fit = self._fit(rows, values, rates)
             decisions = propose_rates(fit, min_r2=opts["min_r2"])
-            diag = [g["hidlr_diag_lr"] for g in groups]
-            counts = [g["hidlr_updates"] for g in groups]
-            actions = ["keep"] * n
-            robust = opts["policy"] == "robust"
-            for k in active:
-                dec = decisions[k]
-                if robust:
-                    out = robust_rate(
-                        diag[k],
-                        counts[k],
-                        dec,
-                        fit.b[k],
-                        fit.A[k][k],
-                        smoothing=opts["smoothing"],
-                        probe_reach=max(abs(c) for c in mults) * rates[k],
-                        resolved=not fit.spread[k] < 1e-5 * abs(fit.intercept),
-                    )
-                    diag[k], counts[k], actions[k] = out.rate, out.n_updates, out.action
-                    if opts["max_rate_change"] is not None:
-                        bound = opts["max_rate_change"]
-                        diag[k] = min(max(diag[k], rates[k] / bound), rates[k] * bound)
-                elif dec.accepted:
-                    diag[k] = smooth_rate(
-                        diag[k],
-                        dec.proposed,
-                        smoothing=opts["smoothing"],
-                        max_change=opts["max_rate_change"],
-                    )
-                    counts[k] += 1
-                    actions[k] = "update"
-            coupling, step_loss, ratio, backtrack = self._coupling, float("nan"), float("nan"), 1.0
-            if robust and len(active) >= 2:
+            diag, counts, actions = self._diagonal_rates(fit, decisions, active, rates)
+            coupling, n_coupling = self._coupling, self._coupling_updates
+            step_loss, ratio, backtrack = math.nan, math.nan, 1.0
+            if opts["policy"] == "robust" and len(active) >= 2:
+                # one more probe: the combined step of all groups, which eq. 3.1 does not see
                 for k in active:
                     movers[k].move(coupling * diag[k] / rates[k] - 1.0)
-                rng.replay()
-                step_loss = _scalar_loss(closure()).item()
-                guard.restore()
+                step_loss = evaluate().item()
                 steps = [
                     coupling * diag[k] * used[k] / rates[k] if k in active else 0.0
                     for k in range(n)
                 ]
-                measured = coupling_ratio(fit, steps, step_loss)
                 backtrack = step_scale(fit, steps, step_loss)
+                measured = coupling_ratio(fit, steps, step_loss)
                 if measured is not None:
                     ratio = measured
-                    coupling = log_average(
-                        coupling,
-                        min(max(measured, 1e-3), 2.0),
-                        self._coupling_updates,
-                        opts["smoothing"],
-                    )
-                    self._coupling_updates += 1
-            new_rates = [coupling * diag[k] if k in active else rates[k] for k in range(n)]
-            this_step = list(new_rates)
-            if robust and len(active) >= 2 and backtrack < 1.0:
-                # the measured combined step overshoots: shorten this step (the rates keep their averages)
-                this_step = [r * backtrack if k in active else r for k, r in enumerate(this_step)]
+                    clipped = min(max(measured, 1e-3), 2.0)
+                    coupling = log_average(coupling, clipped, n_coupling, opts["smoothing"])
+                    n_coupling += 1
+        new_rates = [coupling * diag[k] if k in active else rates[k] for k in range(n)]
+        # an overshooting combined step is shortened now; the rates keep their averages
+        this_step = [r * backtrack if k in active else r for k, r in enumerate(new_rates)]
+        for k, mover in enumerate(movers):
+            if this_step[k] != rates[k]:
+                mover.move(this_step[k] / rates[k] - 1.0)
+            else:
+                mover.reset()
 
+        # commit
+        for k, g in enumerate(groups):
+            g["hidlr_lr"], g["hidlr_diag_lr"], g["hidlr_updates"] = new_rates[k], diag[k], counts[k]
+            if not g["hidlr_frozen"]:
+                gain = predicted_decrease(fit.b[k], fit.A[k][k]) if k in active else 0.0
+                g["hidlr_influence"] = update_influence(
+                    g["hidlr_influence"], g["hidlr_probes"], gain, opts["smoothing"]
+                )
+                g["hidlr_probes"] += 1
+        self._coupling, self._coupling_updates = coupling, n_coupling
+        shares = self.influence_share
         records = []
-        for k in range(n):
-            b, a, r2 = fit.b[k], fit.A[k][k], fit.r2[k]
+        for k, g in enumerate(groups):
+            b, a = fit.b[k], fit.A[k][k]
             if k in active:
                 reason, proposed = decisions[k].reason, decisions[k].proposed
             else:
-                reason = "empty_group" if not groups[k]["params"] else "zero_direction"
-                proposed = float("nan")
-            decrease = b * b / (2 * a) if (a > 0 and b > 0) else float("nan")
+                reason = (
+                    "frozen"
+                    if g["hidlr_frozen"]
+                    else "zero_direction"
+                    if g["params"]
+                    else "empty_group"
+                )
+                proposed = math.nan
             records.append(
                 GroupProbe(
                     k,
@@ -436,23 +480,15 @@ class HiDLR(Optimizer):
                     proposed,
                     b,
                     a,
-                    r2,
-                    decrease,
+                    fit.r2[k],
+                    b * b / (2 * a) if (a > 0 and b > 0) else math.nan,
                     reason == "accepted",
                     reason,
                     actions[k],
+                    g["hidlr_influence"],
+                    shares[k],
                 )
             )
-        for k, mover in enumerate(movers):
-            if this_step[k] != rates[k]:
-                mover.move(this_step[k] / rates[k] - 1.0)
-            else:
-                mover.reset()
-        for g, rate, d, c in zip(groups, new_rates, diag, counts, strict=True):
-            g["hidlr_lr"] = rate
-            g["hidlr_diag_lr"] = d
-            g["hidlr_updates"] = c
-        self._coupling = coupling
         record = ProbeRecord(
             self._steps - 1,
             fit.intercept,
@@ -463,7 +499,84 @@ class HiDLR(Optimizer):
             coupling,
         )
         self._history.append(record)
+        self._maybe_freeze(record.step)
         logger.debug("hidlr probe step %d: %s", record.step, record)
+
+    def _fit(
+        self, rows: list[dict[int, float]], values: list[torch.Tensor], rates: list[float]
+    ) -> QuadraticFit:
+        offsets = torch.zeros(len(rows), len(rates), dtype=torch.float64)
+        for r, placement in enumerate(rows):
+            for k, c in placement.items():
+                offsets[r, k] = c
+        losses = (
+            torch.stack([v.to(torch.float64) for v in values]).cpu()  # the one host sync
+            if values
+            else torch.zeros(0, dtype=torch.float64)
+        )
+        return fit_quadratic(offsets, losses, rates, coupled=self.options["coupled"])
+
+    def _diagonal_rates(
+        self,
+        fit: QuadraticFit,
+        decisions: list[RateDecision],
+        active: list[int],
+        rates: list[float],
+    ) -> tuple[list[float], list[int], list[str]]:
+        """Each group's own (diagonal) rate after this fit, by the chosen policy."""
+        opts, groups = self.options, self.param_groups
+        diag = [g["hidlr_diag_lr"] for g in groups]
+        counts = [g["hidlr_updates"] for g in groups]
+        actions = ["keep"] * len(groups)
+        reach = max(abs(c) for c in opts["probe_multipliers"])
+        for k in active:
+            dec = decisions[k]
+            if opts["policy"] == "robust":
+                out = robust_rate(
+                    diag[k],
+                    counts[k],
+                    dec,
+                    fit.b[k],
+                    fit.A[k][k],
+                    smoothing=opts["smoothing"],
+                    probe_reach=reach * rates[k],
+                    resolved=not fit.spread[k] < 1e-5 * abs(fit.intercept),
+                )
+                diag[k], counts[k], actions[k] = out.rate, out.n_updates, out.action
+                if opts["max_rate_change"] is not None:
+                    bound = opts["max_rate_change"]
+                    diag[k] = min(max(diag[k], rates[k] / bound), rates[k] * bound)
+            elif dec.accepted:
+                diag[k] = smooth_rate(
+                    diag[k],
+                    dec.proposed,
+                    smoothing=opts["smoothing"],
+                    max_change=opts["max_rate_change"],
+                )
+                counts[k] += 1
+                actions[k] = "update"
+        return diag, counts, actions
+
+    def _maybe_freeze(self, step: int) -> None:
+        opts = self.options
+        if opts["freeze_threshold"] is None and opts["freeze_budget"] is None:
+            return
+        live = [g for g in self.param_groups if not g["hidlr_frozen"]]
+        if not live or min(g["hidlr_probes"] for g in live) < opts["freeze_warmup"]:
+            return
+        for k in choose_frozen(
+            self.influence,
+            self.frozen,
+            threshold=opts["freeze_threshold"],
+            budget=opts["freeze_budget"],
+        ):
+            self.freeze(k)
+            logger.info(
+                "hidlr: froze group %d at step %d (influence share %.3g)",
+                k,
+                step,
+                self.influence_share[k],
+            )
 
 
 def _scalar_loss(value: Any) -> torch.Tensor:
