@@ -61,6 +61,45 @@ def _bench_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from hidlr.experiments.paper import EXPERIMENTS
+    from hidlr.experiments.report import build_report
+    from hidlr.experiments.results import run_specs
+
+    names = args.only or list(EXPERIMENTS)
+    unknown = sorted(set(names) - set(EXPERIMENTS))
+    if unknown:
+        print(
+            f"unknown experiment(s) {unknown}; experiments are: {', '.join(EXPERIMENTS)}",
+            file=sys.stderr,
+        )
+        return 2
+    for name in names:
+        exp = EXPERIMENTS[name]
+        specs = exp.specs(args.quick, args.seeds)
+
+        def progress(i: int, total: int, spec: object, skipped: bool, name: str = name) -> None:
+            bar = "#" * (20 * i // total)
+            state = "done earlier" if skipped else "ran"
+            print(
+                f"\r{name:<16} [{bar:<20}] {i}/{total} {state}".ljust(79),
+                end="" if i < total else "\n",
+                flush=True,
+            )
+
+        run_specs(specs, args.out, exp.run, progress)
+    path = build_report(args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from hidlr.experiments.report import build_report
+
+    print(f"report: {build_report(args.results)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hidlr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rob.add_argument("--workers", type=int, default=2, help="processes (default: 2)")
     rob.set_defaults(func=_bench_robustness)
+
+    rep = sub.add_parser(
+        "reproduce", help="the paper's experiments, one result file per run, and a report"
+    )
+    rep.add_argument(
+        "--quick", action="store_true", help="small sizes, one seed: minutes on 2 cores"
+    )
+    rep.add_argument("--out", default="runs/paper", help="results folder (resumes what is there)")
+    rep.add_argument(
+        "--seeds", type=int, default=3, help="seeds where the paper reports a table (full mode)"
+    )
+    rep.add_argument("--only", nargs="*", help="experiment names (default: all)")
+    rep.set_defaults(func=_reproduce)
+
+    report = sub.add_parser("report", help="rebuild REPORT.md and figures from result files")
+    report.add_argument("results", nargs="?", default="runs/paper", help="results folder")
+    report.set_defaults(func=_report)
     return parser
 
 

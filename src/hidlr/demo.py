@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ def _run(
     iterations: int,
     method: str,
     lr: float,
-    **hidlr_options: float,
+    **hidlr_options: Any,
 ) -> Trace:
     x = torch.nn.Parameter(torch.tensor(start[0], dtype=torch.float64))
     y = torch.nn.Parameter(torch.tensor(start[1], dtype=torch.float64))

@@ -88,6 +88,15 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
         self.scale = alpha / rank
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The merged weight (for code that reads ``.weight``, like torch's fused encoder path)."""
+        return self.base.weight + self.scale * self.lora_B @ self.lora_A
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.scale * (x @ self.lora_A.T) @ self.lora_B.T
 
