@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 
-def _fail(name: str, accepted: str, value: Any, exc: type[Exception] = ValueError) -> None:
+def _fail(name: str, accepted: str, value: Any, exc: type[Exception] = ValueError) -> NoReturn:
     raise exc(f"{name} must be {accepted}, got {value!r}")
 
 

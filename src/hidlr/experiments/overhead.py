@@ -32,13 +32,10 @@ for the whole training step and for ``optimizer.step`` alone; the resident-set h
 
 from __future__ import annotations
 
-import cProfile
 import gc
-import io
 import json
 import math
 import platform
-import pstats
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -240,11 +237,16 @@ def snapshot_bytes(optimizer: HiDLR) -> int:
 # -- measurement primitives ------------------------------------------------------------------
 
 
-def _train_step(w: Workload, opt: Optimizer, batch: int = 0) -> None:
+def _train_step(
+    w: Workload,
+    opt: Optimizer,
+    batch: int = 0,
+    closure: Callable[[], torch.Tensor] | None = None,
+) -> None:
     opt.zero_grad()
     w.loss(batch).backward()
     if isinstance(opt, HiDLR):
-        opt.step(partial(w.loss, batch))
+        opt.step(closure or partial(w.loss, batch))
     else:
         opt.step()
 
@@ -265,6 +267,8 @@ class _Arm:
     calls: int = 1
     samples: list[float] = field(default_factory=list)  # per-step (per-call) means, by repeat
     probe: list[float] = field(default_factory=list)  # single probe-step times
+    probe_net: list[float] = field(default_factory=list)  # the same less their closure calls
+    probe_forward: list[float] = field(default_factory=list)  # closure calls inside probes
     plain: list[float] = field(default_factory=list)  # single plain-step times
     ratios: list[float] = field(default_factory=list)  # paired base / hidlr, by repeat
 
@@ -284,14 +288,27 @@ def _run_arm(w: Workload, arm: _Arm) -> float:
         else:
             assert arm.opt is not None
             opt = arm.opt
+            calls: list[float] = []
+
+            def closure() -> torch.Tensor:
+                t = time.perf_counter()
+                loss = w.loss(0)
+                calls.append(time.perf_counter() - t)
+                return loss
+
             for _ in range(arm.calls):
                 probing = isinstance(opt, HiDLR) and opt.is_probe_step()
+                calls.clear()
                 t0 = time.perf_counter()
-                _train_step(w, opt)
+                _train_step(w, opt, closure=closure)
                 dt = time.perf_counter() - t0
                 times.append(dt)
-                if arm.kind == "hidlr":
-                    (arm.probe if probing else arm.plain).append(dt)
+                if arm.kind == "hidlr" and probing:
+                    arm.probe.append(dt)
+                    arm.probe_net.append(dt - sum(calls))
+                    arm.probe_forward += calls
+                elif arm.kind == "hidlr":
+                    arm.plain.append(dt)
     finally:
         gc.enable()
     return statistics.fmean(times)
@@ -323,7 +340,7 @@ def _time_config(
     """Interleaved timing of one (model, base optimizer, K): one record per (policy, Phi)."""
     groups = split_groups(w.params, k)
     base_arm = _Arm("base", make_base(base, groups), calls=base_calls)
-    fwd_arm = _Arm("forward", calls=forward_calls)
+    fwd_arm = _Arm("forward", calls=forward_calls)  # run next to every base arm
     arms = [
         _Arm(
             "hidlr",
@@ -348,7 +365,7 @@ def _time_config(
         for i, arm in enumerate(order):
             seq.append(arm)
             if i % 2 == 1 or i == len(order) - 1:
-                seq.append(base_arm)
+                seq += [base_arm, fwd_arm]
         timeline: list[tuple[_Arm, float]] = [(arm, _run_arm(w, arm)) for arm in seq]
         for pos, (arm, t) in enumerate(timeline):
             arm.samples.append(t)
@@ -363,6 +380,8 @@ def _time_config(
         pooled = [a for a in arms if a.policy == arm.policy]
         probe_t = _median([t for a in pooled for t in a.probe])
         plain_t = _median([t for a in pooled for t in a.plain])
+        probe_net = _median([t for a in pooled for t in a.probe_net])
+        probe_fwd = _median([t for a in pooled for t in a.probe_forward])
         n_fwd = forwards_per_probe_step(k, arm.policy)
         speed = _median(arm.ratios)
         limit = implementation_limit(base_t, fwd_t, k, arm.phi, arm.policy)
@@ -381,7 +400,8 @@ def _time_config(
                 "hidlr_step_s": _median(arm.samples),
                 "probe_step_s": probe_t,
                 "plain_step_s": plain_t,
-                "bookkeeping_per_probe_step_s": probe_t - plain_t - n_fwd * fwd_t,
+                "probe_forward_s": probe_fwd,
+                "bookkeeping_per_probe_step_s": probe_net - plain_t,
                 "speed": speed,
                 "speed_decomposed": base_t / decomposed,
                 "limit": limit,
@@ -508,8 +528,7 @@ def _memory(w: Workload, base: str, policy: str) -> dict[str, Any]:
     out["param_bytes"] = trainable_bytes(w.params)
     hid.zero_grad()
     w.loss().backward()
-    out["snapshot_bytes"] = snapshot_bytes(hid)
-    hid.zero_grad()
+    out["snapshot_bytes"] = snapshot_bytes(hid)  # the gradients stay: each step frees them
 
     def step(opt: Optimizer) -> tuple[int, int]:
         return allocation_peak(partial(_train_step, w, opt))
@@ -545,40 +564,109 @@ def _memory(w: Workload, base: str, policy: str) -> dict[str, Any]:
 # -- profile ---------------------------------------------------------------------------------
 
 
+class _Timers:
+    """Exclusive wall time per category of the functions patched in (a tiny profiler whose
+    cost is two clock reads per call: cProfile would inflate the Python-heavy parts)."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+        self._stack: list[float] = []
+        self._patched: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, category: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            self._stack.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                inner = self._stack.pop()
+                self.total[category] = self.total.get(category, 0.0) + dt - inner
+                if self._stack:
+                    self._stack[-1] += dt
+
+        return timed
+
+    def patch(self, owner: Any, name: str, category: str) -> None:
+        original = owner.__dict__[name]
+        self._patched.append((owner, name, original))
+        setattr(owner, name, self.wrap(category, original))
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._patched):
+            setattr(owner, name, original)
+        self._patched.clear()
+
+
+def _patch_hidlr(timers: _Timers) -> None:
+    import hidlr._probing as probing
+    import hidlr.optimizer as optimizer
+
+    for owner, name, category in (
+        (HiDLR, "_probe_step", "snapshot (clone) + setup"),
+        (HiDLR, "_probe_and_update", "moved flags, records, Python"),
+        (HiDLR, "_base_step", "base optimizer step"),
+        (HiDLR, "_fit", "fit + rate policy"),
+        (HiDLR, "_diagonal_rates", "fit + rate policy"),
+        (optimizer, "propose_rates", "fit + rate policy"),
+        (optimizer, "step_scale", "fit + rate policy"),
+        (optimizer, "coupling_ratio", "fit + rate policy"),
+        (optimizer, "_xor_swap", "XOR swaps"),
+        (probing, "_xor_swap", "XOR swaps"),
+        (probing.GroupMover, "move", "moves (lerp, copy)"),
+        (probing.GroupMover, "reset", "moves (lerp, copy)"),
+        (probing.BufferGuard, "_hook", "buffer guard (hooks, restore)"),
+        (probing.BufferGuard, "restore", "buffer guard (hooks, restore)"),
+        (probing.RngReplay, "__enter__", "RNG save/replay"),
+        (probing.RngReplay, "replay", "RNG save/replay"),
+    ):
+        timers.patch(owner, name, category)
+
+
 def profile_probe_step(
     w: Workload, base: str, k: int, policy: str, *, steps: int = 3, top: int = 12
 ) -> dict[str, Any]:
-    """Where a probe step's ``optimizer.step`` spends its time: Python functions (cProfile,
-    ``top`` by own time) and torch operators (``torch.profiler``, ``top`` by self CPU time),
-    over ``steps`` probe steps; the closure's forward passes are included."""
+    """Where a probe step's ``optimizer.step`` spends its time, median over ``steps`` probe
+    steps: the closure's forward passes, the base optimizer's step and each piece of HiDLR's
+    bookkeeping (exclusive times of its functions, patched in for the measurement only); then
+    the ``top`` torch operators by self CPU time (``torch.profiler``, over the same number of
+    probe steps)."""
     groups = split_groups(w.params, k)
     hid = HiDLR(make_base(base, groups), update_every=1, policy=policy)
     _warm(w, hid)
+    timers = _Timers()
+    closure = timers.wrap("forward passes (closure)", partial(w.loss, 0))
 
     def prepared() -> Callable[[], None]:
+        w.reset()
         hid.zero_grad()
         w.loss().backward()
-        return partial(hid.step, partial(w.loss, 0))
+        return partial(hid.step, closure)
 
-    prof = cProfile.Profile()
-    for _ in range(steps):
-        fn = prepared()
-        prof.enable()
-        fn()
-        prof.disable()
-    stats = pstats.Stats(prof, stream=io.StringIO())
-    rows = []
-    for (file, line, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
-        rows.append(
-            {
-                "function": f"{Path(file).name}:{line}({func})",
-                "calls": ncalls / steps,
-                "own_ms": 1e3 * tottime / steps,
-                "cumulative_ms": 1e3 * cumtime / steps,
-            }
-        )
-    rows.sort(key=lambda r: -r["own_ms"])
-    total = sum(r["own_ms"] for r in rows)
+    prepared()()  # the first probe step allocates what later ones reuse
+    samples: list[dict[str, float]] = []
+    _patch_hidlr(timers)
+    try:
+        for _ in range(steps):
+            fn = prepared()
+            timers.total.clear()
+            gc.disable()
+            try:
+                t0 = time.perf_counter()
+                fn()
+                total = time.perf_counter() - t0
+            finally:
+                gc.enable()
+            sample = dict(timers.total)
+            sample["other (HiDLR.step, wrappers)"] = total - sum(sample.values())
+            sample["total"] = total
+            samples.append(sample)
+    finally:
+        timers.restore()
+    breakdown = {
+        key: 1e3 * statistics.median(s.get(key, 0.0) for s in samples) for key in samples[0]
+    }
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -586,11 +674,7 @@ def profile_probe_step(
         for _ in range(steps):
             prepared()()
     ops = [
-        {
-            "op": e.key,
-            "calls": e.count / steps,
-            "self_ms": e.self_cpu_time_total / 1e3 / steps,
-        }
+        {"op": e.key, "calls": e.count / steps, "self_ms": e.self_cpu_time_total / 1e3 / steps}
         for e in tprof.key_averages()
     ]
     ops.sort(key=lambda r: -r["self_ms"])
@@ -600,8 +684,8 @@ def profile_probe_step(
         "K": k,
         "policy": policy,
         "forwards_per_probe_step": forwards_per_probe_step(k, policy),
-        "python_total_ms": total,
-        "python": rows[:top],
+        "param_bytes": trainable_bytes(w.params),
+        "breakdown_ms": breakdown,
         "ops": ops[:top],
     }
 
@@ -709,9 +793,9 @@ def run_overhead(
                     say(f"memory: {name} + {base}")
                     result["memory"].append(_memory(w, base, "robust"))
             if profile:
-                say(f"profile: {name}")
-                k = max(kk for kk in ks if kk <= 8) if any(kk <= 8 for kk in ks) else ks[0]
-                result["profile"].append(profile_probe_step(w, bases[0], k, "robust"))
+                for k in sorted({ks[0], ks[-1], *(kk for kk in ks if kk == 8)}):
+                    say(f"profile: {name}, K={k}")
+                    result["profile"].append(profile_probe_step(w, bases[0], k, "robust"))
     finally:
         torch.set_num_threads(old_threads)
         torch.set_flush_denormal(False)
@@ -860,20 +944,34 @@ def format_overhead(result: dict[str, Any]) -> str:
                 f"{m['opt_step_extra_plain'] / _MB:>6.2f} | "
                 f"{m['retained_extra_probe'] / _MB:>8.2f} | {rss:>15}"
             )
-    for p in result["profile"]:
+    if result["profile"]:
+        profiles = result["profile"]
         lines.append("")
         lines.append(
-            f"probe step profile ({p['model']} + {p['base']}, K={p['K']}, {p['policy']}, "
-            f"{p['forwards_per_probe_step']} forwards): top Python functions by own time"
+            "probe step (optimizer.step with its closure) broken down, ms, median of "
+            f"{len(profiles) and 3} probe steps; base {profiles[0]['base']}, policy "
+            f"{profiles[0]['policy']}"
         )
-        for row in p["python"][:8]:
+        heads = [f"{p['model'][:5]} K={p['K']}" for p in profiles]
+        lines.append(f"{'':<32}" + " ".join(f"{h:>13}" for h in heads))
+        keys = list(dict.fromkeys(key for p in profiles for key in p["breakdown_ms"]))
+        keys.sort(key=lambda key: (key == "total", key.startswith("other")))
+        for key in keys:
             lines.append(
-                f"  {row['own_ms']:8.3f} ms own {row['cumulative_ms']:8.3f} ms cum "
-                f"{row['calls']:7.0f}x  {row['function']}"
+                f"{key:<32}"
+                + " ".join(f"{p['breakdown_ms'].get(key, 0.0):>13.2f}" for p in profiles)
             )
-        lines.append("  top torch ops by self CPU time:")
-        for row in p["ops"][:8]:
-            lines.append(f"  {row['self_ms']:8.3f} ms {row['calls']:7.0f}x  {row['op']}")
+        book = [
+            p["breakdown_ms"]["total"]
+            - p["breakdown_ms"].get("forward passes (closure)", 0.0)
+            - p["breakdown_ms"].get("base optimizer step", 0.0)
+            for p in profiles
+        ]
+        lines.append(f"{'= bookkeeping':<32}" + " ".join(f"{b:>13.2f}" for b in book))
+        for p in profiles[-1:]:
+            lines.append(f"top torch ops ({p['model']}, K={p['K']}), self CPU ms per probe step:")
+            for row in p["ops"][:8]:
+                lines.append(f"  {row['self_ms']:8.3f} ms {row['calls']:7.0f}x  {row['op']}")
     return "\n".join(lines)
 
 

@@ -165,15 +165,15 @@ def _figures(
         axes[0].legend(fontsize=7)
         for label in ("hi_dlr", "hi_dlr_paper"):
             if label in summary:
-                lrs = summary[label]["example"]["train"]["lrs"]
+                lrs = summary[label]["example"]["train"].get("lrs")
                 if lrs:
                     for k in range(len(lrs[0])):
                         axes[1].semilogy([r[k] for r in lrs], label=f"{label} group {k}", alpha=0.7)
         axes[1].set_xlabel("epoch")
         axes[1].set_ylabel("adapted rate")
         axes[1].legend(fontsize=5)
-        if name == "nam_synthetic" and "hi_dlr" in summary:
-            ex = summary["hi_dlr"]["example"]["train"]
+        ex = summary["hi_dlr"]["example"]["train"] if "hi_dlr" in summary else {}
+        if name == "nam_synthetic" and "shape_grid" in ex:
             for j in range(6):
                 axes[2].plot(ex["shape_grid"], ex["shape_truth"][j], "k-", lw=0.8)
                 axes[2].plot(ex["shape_grid"], ex["shape_learned"][j], "--", lw=1)

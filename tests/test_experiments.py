@@ -1,0 +1,154 @@
+"""The experiment machinery: result files, resume, every experiment at a tiny size, reports."""
+
+import dataclasses
+import json
+
+import pytest
+
+from hidlr.experiments import finetune
+from hidlr.experiments.paper import EXPERIMENTS
+from hidlr.experiments.report import build_report, summarize_experiment
+from hidlr.experiments.results import RunSpec, load_results, run_specs
+from hidlr.experiments.robustness import format_summary, run_benchmark, summarize
+from hidlr.experiments.tasks import TASKS
+
+
+def test_run_specs_writes_once_and_resumes(tmp_path):
+    calls = []
+
+    def runner(spec):
+        calls.append(spec.run_id)
+        if spec.seed == 1 and len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted in the middle of the second run
+        return {"value": spec.seed}
+
+    specs = [RunSpec("exp", "m", s) for s in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        run_specs(specs, tmp_path, runner)
+    assert [p.name for p in (tmp_path / "exp").iterdir()] == ["m__seed0.json"]
+    run_specs(specs, tmp_path, runner)
+    assert calls == ["m__seed0", "m__seed1", "m__seed1", "m__seed2"]  # seed 0 was not redone
+    results = load_results(tmp_path)
+    assert [r["train"]["value"] for r in results] == [0, 1, 2]
+    assert set(results[0]) == {"run", "train", "meta"}
+    assert results[0]["meta"]["torch"] and results[0]["run"]["experiment"] == "exp"
+
+
+def tiny(spec):
+    cfg = dict(spec.config)
+    for key, value in (("epochs", 2), ("steps", 12), ("pretrain_steps", 10)):
+        if key in cfg:
+            cfg[key] = value
+    return dataclasses.replace(spec, config=cfg)
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_experiment_runs_end_to_end_at_a_tiny_size(name, tmp_path):
+    exp = EXPERIMENTS[name]
+    specs = exp.specs(True, 1)
+    picked = (
+        specs[:2]
+        + [s for s in specs if s.method.endswith(("hi_dlr", "Hi-DLR", "hidlr_budget2"))][:1]
+    )
+    paths = run_specs([tiny(s) for s in picked], tmp_path, exp.run)
+    assert all(p.exists() for p in paths)
+    for result in load_results(tmp_path):
+        assert exp.metric in result["train"] or name == "figure2"
+    report = build_report(tmp_path).read_text()
+    assert f"| {name} (" in report and "reproduced?" in report
+    assert (tmp_path / f"{name}.png").exists()
+
+
+def stored(experiment, method, seed, value, grid=None):
+    return {
+        "run": {
+            "experiment": experiment,
+            "method": method,
+            "seed": seed,
+            "config": {"lr": 0.1, **({"grid": grid} if grid else {})},
+        },
+        "train": {"test_loss": value, "seconds": 1.0, "diverged": False},
+        "meta": {"wall_seconds": 1.0, "torch": "x", "hidlr": "y", "git": "z"},
+    }
+
+
+def test_report_is_built_from_stored_result_files(tmp_path):
+    folder = tmp_path / "nam_synthetic"
+    folder.mkdir()
+    records = [
+        stored("nam_synthetic", "constant_grid_a", 0, 3.0, "constant"),
+        stored("nam_synthetic", "constant_grid_b", 0, 2.0, "constant"),
+        stored("nam_synthetic", "hi_ulr", 0, 2.5),
+        stored("nam_synthetic", "hi_dlr", 0, 1.0),
+    ]
+    for i, r in enumerate(records):
+        (folder / f"r{i}.json").write_text(json.dumps(r))
+    summary = summarize_experiment(load_results(tmp_path), "test_loss", False)
+    assert summary["ULR (grid)"]["mean"] == 2.0 and summary["ULR (grid)"]["runs"] == 2
+    text = build_report(tmp_path).read_text()
+    assert "| nam_synthetic (Figures 5, 12, 13) |" in text
+    assert "hi_dlr 1 vs ULR (grid) 2, hi_ulr 2.5 | yes |" in text
+    (folder / "r3.json").write_text(json.dumps(stored("nam_synthetic", "hi_dlr", 0, 2.2)))
+    assert (
+        "| no |" in build_report(tmp_path).read_text()
+        or "| partly |" in build_report(tmp_path).read_text()
+    )
+
+
+def test_finetune_methods_train_what_they_claim():
+    spec = tiny(
+        RunSpec(
+            "peft_autofreeze",
+            "lora",
+            0,
+            {"pretrain_steps": 5, "steps": 5, "n_train": 64, "lr": 3e-3},
+        )
+    )
+    lora = finetune.run(spec)
+    bitfit = finetune.run(dataclasses.replace(spec, method="bitfit"))
+    full = finetune.run(dataclasses.replace(spec, method="full"))
+    assert full["trainable_end"] == full["params_total"]
+    assert bitfit["trainable_end"] < 0.1 * bitfit["params_total"]
+    assert lora["trainable_end"] < 0.1 * lora["params_total"]
+    assert full["training_state_bytes"] > 10 * bitfit["training_state_bytes"]
+
+
+def test_robustness_benchmark_tiny(tmp_path):
+    path = run_benchmark(
+        tmp_path, tasks=["logistic_wide"], seeds=(0,), sweep=False, steps_scale=0.05, workers=1
+    )
+    summary = summarize(path)
+    row = summary["tasks"]["logistic_wide"]
+    assert row["grid_runs"] == 7 and set(row["methods"]) == {
+        "prodigy",
+        "dadaptation",
+        "dog",
+        "gen",
+        "hidlr",
+    }
+    assert all(m["ratio"] > 0 for m in row["methods"].values())
+    text = format_summary(summary)
+    assert "logistic_wide" in text and "Hi-DLR within 5%" in text
+    n_lines = len(path.read_text().splitlines())
+    run_benchmark(
+        tmp_path, tasks=["logistic_wide"], seeds=(0,), sweep=False, steps_scale=0.05, workers=1
+    )
+    assert len(path.read_text().splitlines()) == n_lines  # resumed: nothing ran twice
+
+
+def test_tasks_are_well_formed():
+    assert len(TASKS) >= 10
+    assert {t.split for t in TASKS.values()} == {"tune", "heldout"}
+    assert {t.base for t in TASKS.values()} == {"sgd", "momentum", "adam", "adamw"}
+    assert (
+        min(t.batch_size for t in TASKS.values()) <= 16
+        and max(t.batch_size for t in TASKS.values()) >= 512
+    )
+    for task in TASKS.values():
+        assert len(task.grid) == 7
+        problem = task.problem(0)
+        covered = [p for g in problem.groups for p in g["params"]]
+        trainable = [p for p in problem.model.parameters() if p.requires_grad]
+        assert len(covered) == len(trainable) and {id(p) for p in covered} == {
+            id(p) for p in trainable
+        }
