@@ -244,6 +244,15 @@ def _train_step(
     closure: Callable[[], torch.Tensor] | None = None,
 ) -> None:
     opt.zero_grad()
+    _backward_and_step(w, opt, batch, closure)
+
+
+def _backward_and_step(
+    w: Workload,
+    opt: Optimizer,
+    batch: int = 0,
+    closure: Callable[[], torch.Tensor] | None = None,
+) -> None:
     w.loss(batch).backward()
     if isinstance(opt, HiDLR):
         opt.step(closure or partial(w.loss, batch))
@@ -528,10 +537,17 @@ def _memory(w: Workload, base: str, policy: str) -> dict[str, Any]:
     out["param_bytes"] = trainable_bytes(w.params)
     hid.zero_grad()
     w.loss().backward()
-    out["snapshot_bytes"] = snapshot_bytes(hid)  # the gradients stay: each step frees them
+    out["snapshot_bytes"] = snapshot_bytes(hid)
 
+    # zero_grad runs before measuring: the profiler does not see blocks freed that were
+    # allocated before it started, so the step's own frees must be of its own allocations
     def step(opt: Optimizer) -> tuple[int, int]:
-        return allocation_peak(partial(_train_step, w, opt))
+        opt.zero_grad()
+        return allocation_peak(partial(_backward_and_step, w, opt))
+
+    def rss(opt: Optimizer) -> int | None:
+        opt.zero_grad()
+        return _rss_growth(partial(_backward_and_step, w, opt))
 
     def step_only(opt: Optimizer) -> int:
         opt.zero_grad()
@@ -555,9 +571,9 @@ def _memory(w: Workload, base: str, policy: str) -> dict[str, Any]:
         out["opt_step_peak_base"], out["forward_peak"]
     )
     out["opt_step_extra_plain"] = out["opt_step_peak_hidlr_plain"] - out["opt_step_peak_base"]
-    out["rss_growth_base"] = _rss_growth(partial(_train_step, w, base_opt))
-    out["rss_growth_hidlr_probe"] = _rss_growth(partial(_train_step, w, hid))
-    out["rss_growth_hidlr_plain"] = _rss_growth(partial(_train_step, w, hid))
+    out["rss_growth_base"] = rss(base_opt)
+    out["rss_growth_hidlr_probe"] = rss(hid)
+    out["rss_growth_hidlr_plain"] = rss(hid)
     return out
 
 
@@ -726,9 +742,14 @@ def run_overhead(
     bases = tuple(bases or BASES)
     ks = tuple(ks or ((1, 2, 8) if quick else K_VALUES))
     phis = tuple(phis or ((1, 2, 4, 8) if quick else PHI_VALUES))
-    repeats = repeats or 5
-    table4_repeats = table4_repeats or 3
-    say = progress or (lambda _msg: None)
+    repeats = repeats or (3 if quick else 4)
+    table4_repeats = table4_repeats or (2 if quick else 3)
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        if progress is not None:
+            progress(f"[{time.perf_counter() - started:6.1f} s] {message}")
+
     result: dict[str, Any] = {
         "config": {
             "quick": quick,
@@ -763,7 +784,6 @@ def run_overhead(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
-    started = time.perf_counter()
     try:
         for name in models:
             w = make_workload(name, size=size, n_batches=epoch_batches)
@@ -961,13 +981,13 @@ def format_overhead(result: dict[str, Any]) -> str:
                 f"{key:<32}"
                 + " ".join(f"{p['breakdown_ms'].get(key, 0.0):>13.2f}" for p in profiles)
             )
-        book = [
+        bookkeeping = [
             p["breakdown_ms"]["total"]
             - p["breakdown_ms"].get("forward passes (closure)", 0.0)
             - p["breakdown_ms"].get("base optimizer step", 0.0)
             for p in profiles
         ]
-        lines.append(f"{'= bookkeeping':<32}" + " ".join(f"{b:>13.2f}" for b in book))
+        lines.append(f"{'= bookkeeping':<32}" + " ".join(f"{b:>13.2f}" for b in bookkeeping))
         for p in profiles[-1:]:
             lines.append(f"top torch ops ({p['model']}, K={p['K']}), self CPU ms per probe step:")
             for row in p["ops"][:8]:
