@@ -63,7 +63,7 @@ def _bench_robustness(args: argparse.Namespace) -> int:
 
 def _reproduce(args: argparse.Namespace) -> int:
     from hidlr.experiments.paper import EXPERIMENTS
-    from hidlr.experiments.report import build_report
+    from hidlr.experiments.report import build_report, claims_table
     from hidlr.experiments.results import run_specs
 
     names = args.only or list(EXPERIMENTS)
@@ -89,6 +89,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
         run_specs(specs, args.out, exp.run, progress)
     path = build_report(args.out)
+    print(claims_table(path.read_text()))
     print(f"report: {path}")
     return 0
 

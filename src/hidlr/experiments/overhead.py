@@ -332,6 +332,13 @@ def _warm(w: Workload, opt: Optimizer) -> None:
     opt.zero_grad()
 
 
+def _settle() -> None:
+    """Collect, then freeze what is alive (undone at the end of :func:`run_overhead`) so that
+    the collection before each arm only walks objects created since."""
+    gc.collect()
+    gc.freeze()
+
+
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
@@ -364,6 +371,7 @@ def _time_config(
     for arm in (base_arm, *arms):
         assert arm.opt is not None
         _warm(w, arm.opt)
+    _settle()
     _run_arm(w, fwd_arm)
     for r in range(repeats):
         shift = (r * 3) % len(arms)
@@ -443,6 +451,7 @@ def _table4(
                 )
     for _, _, opt in arms:
         _warm(w, opt)
+    _settle()
     times: list[list[float]] = [[] for _ in arms]
     for r in range(repeats):
         order = list(range(len(arms)))
@@ -784,6 +793,7 @@ def run_overhead(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
+    _settle()
     try:
         for name in models:
             w = make_workload(name, size=size, n_batches=epoch_batches)
@@ -817,6 +827,7 @@ def run_overhead(
                     say(f"profile: {name}, K={k}")
                     result["profile"].append(profile_probe_step(w, bases[0], k, "robust"))
     finally:
+        gc.unfreeze()
         torch.set_num_threads(old_threads)
         torch.set_flush_denormal(False)
     result["seconds"] = time.perf_counter() - started
@@ -1035,6 +1046,8 @@ def plot_overhead(result: dict[str, Any], path: str | Path) -> Path:
                 ax.plot(x, [r["limit"] for r in rows], "--", color=c, alpha=0.8)
                 ax.plot(x, [r["paper_bound"] for r in rows], ":", color=c, alpha=0.6)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(cfg["phi"], [str(p) for p in cfg["phi"]])
+            ax.minorticks_off()
             ax.set_title(f"{model} + {base}, {policy}", fontsize=9)
             ax.set_xlabel("Phi (update_every)")
             ax.set_ylim(0, 1.05)

@@ -11,7 +11,7 @@ from typing import Any
 from hidlr.experiments.paper import EXPERIMENTS
 from hidlr.experiments.results import load_results
 
-__all__ = ["build_report", "summarize_experiment"]
+__all__ = ["build_report", "claims_table", "summarize_experiment"]
 
 
 def _value(result: dict[str, Any], metric: str) -> float:
@@ -186,6 +186,28 @@ def _figures(
     return out
 
 
+def _peft_table(summary: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        "| method | val accuracy | trainable params (start -> end) | step time (ms) | params+grads+optimizer state (KiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, s in summary.items():
+        t = s["example"]["train"]
+        lines.append(
+            f"| {label} | {s['mean']:.4f} ± {s['std']:.3f} | {t['trainable_start']} -> {t['trainable_end']} of "
+            f"{t['params_total']} | {1000 * t['step_seconds']:.2f} | {t['training_state_bytes'] / 1024:.0f} |"
+        )
+    return lines
+
+
+def claims_table(report: str) -> str:
+    """The claims table of a built report (for printing)."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| experiment |"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    return "\n".join(lines[start:end])
+
+
 def build_report(results_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``REPORT.md`` and one PNG per experiment into ``out`` (default: ``results_dir``)."""
     results_dir = Path(results_dir)
@@ -219,6 +241,8 @@ def build_report(results_dir: str | Path, out: str | Path | None = None) -> Path
                 "",
                 f"Grid searches: {sum(s['runs'] for k, s in summary.items() if 'grid' in k)} runs, {grid_cost:.1f} s in all; Hi-DLR: one run per seed, {hi_cost:.1f} s in all.",
             ]
+        if name == "peft_autofreeze":
+            body += ["", *_peft_table(summary)]
         for fig in _figures(name, rs, summary, folder):
             body += ["", f"![{name}]({fig.name})"]
         body.append("")
