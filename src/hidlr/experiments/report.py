@@ -103,8 +103,14 @@ def _verdict(name: str, summary: dict[str, dict[str, Any]], higher: bool) -> tup
     candidates = [
         k for k in ("hi_dlr", "hi_dlr_paper", "hidlr_freeze", "hidlr_budget2") if k in summary
     ]
+    if not candidates or not refs:
+        return "not enough runs to compare", "n/a"
     best_hi = (max if higher else min)(candidates, key=val)
     measured = f"{best_hi} {val(best_hi):.4g} vs " + ", ".join(f"{r} {val(r):.4g}" for r in refs)
+    if name == "fashion_mnist":  # Table 2's claim: better than the best ULR method
+        best_ref = max(refs, key=val)
+        ok = beats(val(best_hi), val(best_ref))
+        return measured, "yes" if ok else "no"
     ok = all(beats(val(best_hi), val(r)) for r in refs)
     return measured, "yes" if ok else (
         "partly" if any(beats(val(best_hi), val(r)) for r in refs) else "no"
@@ -134,6 +140,16 @@ def _figures(
             ax.set_title(fn)
             ax.set_xlabel("iteration")
             ax.legend()
+    elif name == "fashion_mnist":
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        labels = list(summary)
+        ax.bar(
+            labels, [summary[k]["mean"] for k in labels], yerr=[summary[k]["std"] for k in labels]
+        )
+        low = min(summary[k]["mean"] for k in labels)
+        ax.set_ylim(max(0.0, low - 0.05), 1.0)
+        ax.set_ylabel("test accuracy")
+        ax.tick_params(axis="x", rotation=45)
     elif name == "peft_autofreeze":
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         for label, s in summary.items():
