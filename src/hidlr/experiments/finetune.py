@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import math
+import multiprocessing as mp
+import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -21,7 +24,7 @@ from hidlr.experiments.models import LoRALinear, TokenTransformer
 from hidlr.experiments.results import RunSpec, training_state_bytes
 from hidlr.optimizer import HiDLR
 
-__all__ = ["METHODS", "run", "specs", "specs_for_suite"]
+__all__ = ["METHODS", "run", "run_inline", "specs", "specs_for_suite"]
 
 METHODS = ("full", "bitfit", "lora", "hidlr_freeze", "hidlr_budget2")
 VOCAB, LENGTH = 12, 16
@@ -143,6 +146,20 @@ def specs(quick: bool, seeds: int = 3) -> list[RunSpec]:
 
 
 def run(spec: RunSpec) -> dict[str, Any]:
+    """One fine-tuning run in a fresh process, so that its peak resident memory is its own."""
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(_run_measured, spec).result()
+
+
+def _run_measured(spec: RunSpec) -> dict[str, Any]:
+    out = run_inline(spec)
+    # peak resident set of this process (interpreter and torch included: compare differences)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def run_inline(spec: RunSpec) -> dict[str, Any]:
     cfg = spec.config
     torch.set_num_threads(1)
     base = pretrained(spec.seed, cfg["pretrain_steps"])

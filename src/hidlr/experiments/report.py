@@ -204,14 +204,15 @@ def _figures(
 
 def _peft_table(summary: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
-        "| method | val accuracy | trainable params (start -> end) | step time (ms) | params+grads+optimizer state (KiB) |",
-        "|---|---|---|---|---|",
+        "| method | val accuracy | trainable params (start -> end) | step time (ms) | params+grads+optimizer state (KiB) | peak RSS of the run (MiB) |",
+        "|---|---|---|---|---|---|",
     ]
     for label, s in summary.items():
         t = s["example"]["train"]
         lines.append(
             f"| {label} | {s['mean']:.4f} ± {s['std']:.3f} | {t['trainable_start']} -> {t['trainable_end']} of "
-            f"{t['params_total']} | {1000 * t['step_seconds']:.2f} | {t['training_state_bytes'] / 1024:.0f} |"
+            f"{t['params_total']} | {1000 * t['step_seconds']:.2f} | {t['training_state_bytes'] / 1024:.0f} | "
+            f"{t.get('peak_rss_mib', float('nan')):.0f} |"
         )
     return lines
 
