@@ -98,6 +98,25 @@ def test_report_is_built_from_stored_result_files(tmp_path):
     )
 
 
+@pytest.mark.skipif(
+    EXPERIMENTS["fashion_mnist"].requires() is not None, reason="Fashion-MNIST not installed"
+)
+@pytest.mark.parametrize("role", ["bias", "norm"])
+def test_fashion_two_group_variants_build(role):
+    from hidlr.experiments import image
+
+    spec = tiny(
+        RunSpec(
+            "fashion_mnist",
+            f"hidlr_{role}",
+            0,
+            {"pretrain_steps": 2, "steps": 2, "n_train": 256, "lr": 1e-3},
+        )
+    )
+    out = image.run(spec)
+    assert out["groups"] == [role, "rest"] and len(out["final_lrs"]) == 2
+
+
 def test_finetune_methods_train_what_they_claim():
     spec = tiny(
         RunSpec(

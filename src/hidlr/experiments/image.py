@@ -110,7 +110,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
     model.head = nn.Linear(model.head.in_features, 5)  # a fresh head for the new classes
     method = spec.method
     if method.startswith("hidlr_"):
-        groups = by_role(model, roles=(method.split("_")[1],), head="head")
+        role = method.split("_")[1]
+        groups = by_role(model, roles=(role,), head="head" if role == "head" else None)
         name = "hidlr"
     else:
         groups = [{"params": list(model.parameters())}]
