@@ -15,6 +15,7 @@ from hidlr.experiments.overhead import (
     Workload,
     _memory,
     allocation_peak,
+    expected_speed_vs_limit,
     format_overhead,
     forwards_per_probe_step,
     implementation_limit,
@@ -42,6 +43,12 @@ def test_implementation_limit():
     assert implementation_limit(3.0, 1.0, 2, 9, "robust") == pytest.approx(0.75)
     # with B = 2F and C = 0 the limit is the paper's bound
     assert implementation_limit(3.0, 1.0, 4, 2, "paper") == pytest.approx(paper_bound(4, 2))
+
+
+def test_expected_speed_vs_limit():
+    assert expected_speed_vs_limit(3.0, 1.0, 0.0, 8, 8) == 1.0
+    # a cycle of 8 steps of 3 plus 8 forwards of 1 is 32; 0.32 of bookkeeping costs 1%
+    assert expected_speed_vs_limit(3.0, 1.0, 0.32, 8, 8) == pytest.approx(32 / 32.32)
 
 
 def test_split_groups_contiguous_and_balanced():
@@ -153,6 +160,7 @@ def test_run_overhead_end_to_end(tmp_path):
         "speed_vs_limit",
         "speed_vs_paper_bound",
         "repeats",
+        "expected_speed_vs_limit",
     }
     for r in result["speed"]:
         assert set(r) == keys

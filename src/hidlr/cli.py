@@ -105,6 +105,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_overhead(args: argparse.Namespace) -> int:
+    from hidlr.experiments.overhead import format_overhead, run_overhead
+
+    result = run_overhead(
+        args.out,
+        quick=args.quick,
+        threads=args.threads,
+        plot=not args.no_plot,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    print(format_overhead(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hidlr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rob.add_argument("--workers", type=int, default=2, help="processes (default: 2)")
     rob.set_defaults(func=_bench_robustness)
+    ov = bench.add_parser("overhead", help="Hi-DLR's extra time and memory vs the base optimizer")
+    ov.add_argument("--out", default="runs/overhead", help="results folder")
+    ov.add_argument("--quick", action="store_true", help="MLP only, fewer K/Phi (about 1 minute)")
+    ov.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    ov.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    ov.set_defaults(func=_bench_overhead)
 
     rep = sub.add_parser(
         "reproduce", help="the paper's experiments, one result file per run, and a report"

@@ -60,6 +60,7 @@ __all__ = [
     "BNConvNet",
     "Workload",
     "allocation_peak",
+    "expected_speed_vs_limit",
     "format_overhead",
     "forwards_per_probe_step",
     "implementation_limit",
@@ -425,6 +426,9 @@ def _time_config(
                 "paper_bound": bound,
                 "speed_vs_limit": speed / limit,
                 "speed_vs_paper_bound": speed / bound,
+                "expected_speed_vs_limit": expected_speed_vs_limit(
+                    base_t, fwd_t, probe_net - plain_t, n_fwd, arm.phi
+                ),
                 "repeats": len(arm.ratios),
             }
         )
@@ -856,6 +860,16 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+def expected_speed_vs_limit(
+    base_step: float, forward: float, bookkeeping: float, n_fwd: int, phi: float
+) -> float:
+    """The fraction of the limit reached when each probe step adds ``bookkeeping`` seconds to
+    its forwards: ``(Phi S + n F) / (Phi S + n F + bookkeeping)``. Less noisy than the measured
+    ratio: the bookkeeping is timed inside the probe steps themselves."""
+    cycle = phi * base_step + n_fwd * forward
+    return cycle / (cycle + bookkeeping)
+
+
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for policy in result["config"]["policies"]:
@@ -863,12 +877,15 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
         closeness = [r["speed_vs_limit"] for r in rows if math.isfinite(r["speed_vs_limit"])]
         if not closeness:
             continue
+        expected = [r["expected_speed_vs_limit"] for r in rows]
         out[policy] = {
             "median_speed_vs_limit": statistics.median(closeness),
             "min_speed_vs_limit": min(closeness),
             "within_3pct_of_limit": sum(c >= 0.97 for c in closeness),
             "configs": len(closeness),
             "above_paper_bound": sum(r["speed"] >= r["paper_bound"] for r in rows),
+            "median_expected_speed_vs_limit": statistics.median(expected),
+            "expected_within_3pct_of_limit": sum(e >= 0.97 for e in expected),
         }
     return out
 
@@ -934,7 +951,9 @@ def format_overhead(result: dict[str, Any]) -> str:
                 f"[{policy}] measured/limit: median {s['median_speed_vs_limit']:.3f}, "
                 f"worst {s['min_speed_vs_limit']:.3f}, within 3% in "
                 f"{s['within_3pct_of_limit']}/{s['configs']}; at or above the paper's bound in "
-                f"{s['above_paper_bound']}/{s['configs']}"
+                f"{s['above_paper_bound']}/{s['configs']}; from the bookkeeping timed inside probe "
+                f"steps: median {s['median_expected_speed_vs_limit']:.3f}, within 3% in "
+                f"{s['expected_within_3pct_of_limit']}/{s['configs']}"
             )
     if result["table4"]:
         lines.append("")
