@@ -600,3 +600,36 @@ def test_add_param_group_and_repr():
     assert opt.lrs == [0.1, 0.3]
     assert "update_every=4" in repr(opt) and "SGD" in repr(opt)
     assert copy.deepcopy(opt).lrs == [0.1, 0.3]
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_parameters_keep_their_storage_and_shared_storage_stays_shared(accept):
+    def make():
+        flat = torch.zeros(8, dtype=F64)
+        a = nn.Parameter(flat[:4])  # a view of a larger buffer: exchanged bitwise, in place
+        b = nn.Parameter(torch.linspace(-1.0, 1.0, 4, dtype=F64))  # owns its storage: by pointer
+        with torch.no_grad():
+            a.copy_(torch.arange(4.0, dtype=F64))
+        return flat, a, b, lambda: ((a - 1.0) ** 2).sum() + 3 * ((b + 2.0) ** 2).sum()
+
+    _, ra, rb, ref_loss = make()
+    ref = torch.optim.SGD([{"params": [ra]}, {"params": [rb]}], lr=0.05)
+    flat, a, b, loss = make()
+    ptrs = (a.data_ptr(), b.data_ptr())
+    opt = paper(
+        torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.05),
+        min_r2=-1.0 if accept else NEVER,
+        smoothing=0.0,
+    )
+    for _ in range(3):
+        for o, f in ((opt, loss), (ref, ref_loss)):
+            o.zero_grad()
+            f().backward()
+            o.step(f) if o is opt else o.step()
+    assert (a.data_ptr(), b.data_ptr()) == ptrs
+    assert a.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    if accept:  # exact line search on separable quadratics: at the minimum after one step
+        assert torch.allclose(a.detach(), torch.ones(4, dtype=F64))
+        assert torch.allclose(b.detach(), torch.full((4,), -2.0, dtype=F64))
+    else:
+        assert torch.equal(a.detach(), ra.detach()) and torch.equal(b.detach(), rb.detach())

@@ -3,11 +3,13 @@
 Memory: one extra copy of the probed parameters, alive only during a probe step.
 
 After the base optimizer's step the parameters hold ``w1`` and the snapshot holds ``w0``.
-The two are swapped bit for bit (XOR through integer views: exact, in place, no
-allocation), so the snapshot keeps ``w1`` *exactly* while the parameters serve as scratch.
-A parameter at offset ``s`` holds ``w1 + s * (w1 - w0)``; moving to another offset is one
-fused ``lerp`` against the exact ``w1``. Offset 0 (``w1`` itself) would erase the direction,
-so it is reached by swapping again instead. Rejected groups end as an exact copy of ``w1``.
+The two are exchanged exactly (the parameter's storage pointer is swapped when it owns its
+storage alone, an XOR through integer views otherwise), so the snapshot keeps ``w1``
+*exactly* while the parameters serve as scratch. A parameter at offset ``s`` holds
+``w1 + s * (w1 - w0)``; moving to another offset is one fused ``lerp`` against the exact
+``w1``. Offset 0 (``w1`` itself) would erase the direction, so it is reached by exchanging
+again instead. At the end every parameter is back on its own storage: rejected groups hold
+exactly ``w1``, updated ones their new point, written straight into that storage.
 """
 
 from __future__ import annotations
@@ -21,10 +23,30 @@ from torch import nn
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _xor_swap(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    for x, y in zip(a, b, strict=True):
-        if x.is_complex():
-            x, y = torch.view_as_real(x), torch.view_as_real(y)
+def _owns_storage(t: torch.Tensor) -> bool:
+    return (
+        t._base is None
+        and t.storage_offset() == 0
+        and t.is_contiguous()
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
+
+
+def _exchange(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
+    """Exchange the contents of ``params[i]`` and ``buffers[i]`` exactly, in place.
+
+    Pointer swap when both own their storage (``buffers`` is updated to hold the parameter's
+    old storage), bitwise XOR swap otherwise (views, shared storage).
+    """
+    for i, (p, b) in enumerate(zip(params, buffers, strict=True)):
+        if _owns_storage(p) and _owns_storage(b):
+            old = p.data
+            p.data = b
+            buffers[i] = old
+            continue
+        x, y = (
+            (torch.view_as_real(p.data), torch.view_as_real(b)) if p.is_complex() else (p.data, b)
+        )
         dtype = _INT_VIEW[x.element_size()]
         xi, yi = x.view(dtype), y.view(dtype)
         xi.bitwise_xor_(yi)
@@ -41,12 +63,13 @@ class GroupMover:
         self.offset = -1.0
         self._parked = 0.0  # offset held by self.w1 while swapped
         self._swapped = False
+        self._finished = False
 
     def move(self, offset: float) -> None:
         if offset == self.offset or not self.params:
             return
         if offset == 0.0:
-            _xor_swap(self.params, self.w1)
+            _exchange(self.params, self.w1)
             self._swapped, self._parked, self.offset = True, self.offset, 0.0
             return
         self._unswap()
@@ -56,15 +79,25 @@ class GroupMover:
 
     def _unswap(self) -> None:
         if self._swapped:
-            _xor_swap(self.params, self.w1)
+            _exchange(self.params, self.w1)
             self._swapped, self.offset = False, self._parked
+
+    def finish(self, offset: float) -> None:
+        """End at ``w1 + offset * (w1 - w0)`` (exactly ``w1`` for offset 0), each parameter
+        on its own storage again. Terminal: the mover is not used afterwards."""
+        if not self.params or self._finished:
+            return
+        self._finished = True
+        self._unswap()
+        if offset != 0.0:
+            # write the final point into w1's buffers (the parameters' own storage), then exchange
+            torch._foreach_lerp_(self.w1, self.params, offset / self.offset)
+        _exchange(self.params, self.w1)
+        self.offset = offset
 
     def reset(self) -> None:
         """Put back exactly ``w1``, the point of the plain base step."""
-        self._unswap()
-        if self.params:
-            torch._foreach_copy_(self.params, self.w1)
-        self.offset = 0.0
+        self.finish(0.0)
 
 
 class BufferGuard:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from hidlr._probing import GroupMover, _xor_swap, probe_context
+from hidlr._probing import GroupMover, _exchange, probe_context
 from hidlr._validation import check_bool, check_choice, check_float, check_int
 from hidlr.fit import (
     QuadraticFit,
@@ -359,7 +359,7 @@ class HiDLR(Optimizer):
                 torch._foreach_copy_(flat, snapshot)
             raise
         self._steps += 1
-        _xor_swap(flat, snapshot)  # params hold w0, the snapshot holds w1 exactly
+        _exchange(flat, snapshot)  # params hold w0, the snapshot holds w1 exactly
         movers, start = [], 0
         for ps in params:
             movers.append(GroupMover(ps, snapshot[start : start + len(ps)]))
@@ -442,10 +442,7 @@ class HiDLR(Optimizer):
         # an overshooting combined step is shortened now; the rates keep their averages
         this_step = [r * backtrack if k in active else r for k, r in enumerate(new_rates)]
         for k, mover in enumerate(movers):
-            if this_step[k] != rates[k]:
-                mover.move(this_step[k] / rates[k] - 1.0)
-            else:
-                mover.reset()
+            mover.finish(this_step[k] / rates[k] - 1.0 if this_step[k] != rates[k] else 0.0)
 
         # commit
         for k, g in enumerate(groups):
