@@ -129,3 +129,11 @@ def test_smooth_rate_and_bound():
     assert smooth_rate(1.0, 3.0, smoothing=0.9, max_change=None) == pytest.approx(1.2)
     assert smooth_rate(1.0, 100.0, smoothing=0.0, max_change=2.0) == 2.0
     assert smooth_rate(1.0, 0.01, smoothing=0.0, max_change=2.0) == 0.5
+
+
+def test_with_probe_batch_pairs_each_batch_with_the_next():
+    from hidlr import with_probe_batch
+
+    assert list(with_probe_batch([1, 2, 3])) == [(1, 2), (2, 3), (3, 3)]
+    assert list(with_probe_batch([])) == []
+    assert list(with_probe_batch(iter([7]))) == [(7, 7)]

@@ -4,6 +4,7 @@
 probing the loss along the base optimizer's own step; with one group it is GeN (Hi-ULR).
 """
 
+from hidlr.batches import with_probe_batch
 from hidlr.fit import QuadraticFit, RateDecision, fit_quadratic, propose_rates
 from hidlr.groups import (
     GroupSummary,
@@ -51,4 +52,5 @@ __all__ = [
     "save_history",
     "split_output_units",
     "summarize_groups",
+    "with_probe_batch",
 ]
