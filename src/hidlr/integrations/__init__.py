@@ -1,0 +1,47 @@
+"""Integrations of Hi-DLR with third-party training stacks.
+
+Each submodule imports its third-party package on import; import the one you need:
+
+* :mod:`hidlr.integrations.transformers`: :class:`~hidlr.integrations.transformers.HiDLRTrainer`,
+  a ``transformers.Trainer`` that trains with Hi-DLR (needs ``transformers`` and ``accelerate``).
+* :mod:`hidlr.integrations.tensorboard`: write Hi-DLR's diagnostics (rates, fit quality,
+  acceptance per group) to a TensorBoard ``SummaryWriter``.
+
+:func:`find_hidlr` (here, no third-party import) finds the :class:`hidlr.HiDLR` inside the
+wrappers that ``accelerate`` and others put around an optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hidlr.optimizer import HiDLR
+
+__all__ = ["find_hidlr", "group_names"]
+
+
+def find_hidlr(optimizer: Any) -> HiDLR:
+    """The :class:`hidlr.HiDLR` that ``optimizer`` is or wraps.
+
+    Follows ``.optimizer`` attributes (``accelerate``'s ``AcceleratedOptimizer``, SageMaker's
+    and DeepSpeed-style wrappers) until a ``HiDLR`` is found; ``TypeError`` if there is none.
+    """
+    current, seen = optimizer, set()
+    while current is not None and id(current) not in seen:
+        if isinstance(current, HiDLR):
+            return current
+        seen.add(id(current))
+        current = getattr(current, "optimizer", None)
+    raise TypeError(f"no HiDLR optimizer found in {type(optimizer).__name__}")
+
+
+def group_names(optimizer: Any) -> list[str]:
+    """One name per param group: its ``"name"`` entry (as the ``hidlr`` grouping helpers set
+    it) when present and unique, else ``"group<i>"``."""
+    groups = find_hidlr(optimizer).param_groups
+    names = [g.get("name") for g in groups]
+    out: list[str] = []
+    for i, name in enumerate(names):
+        ok = isinstance(name, str) and name and names.count(name) == 1
+        out.append(str(name) if ok else f"group{i}")
+    return out

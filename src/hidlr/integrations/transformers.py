@@ -1,0 +1,245 @@
+"""Hi-DLR in the Hugging Face ``transformers.Trainer``.
+
+:class:`HiDLRTrainer` is a ``Trainer`` whose optimizer is a :class:`ClosureHiDLR` around the
+optimizer the Trainer would have built (same class and arguments from ``TrainingArguments``),
+with one param group per group of a grouping function (default: :func:`hidlr.by_lora` for
+``peft`` LoRA models, :func:`hidlr.by_role` otherwise). Everything else is the Trainer's own:
+
+* **Probe batch**: the Trainer calls ``optimizer.step()`` without a closure; the trainer
+  keeps the micro-batches of the current optimizer step and installs, before each step, a
+  closure that returns the model's loss on them (no ``backward``, under the Trainer's
+  autocast). With gradient accumulation, ``probe_micro_batches="all"`` (default) probes the
+  mean loss over all micro-batches of the step, the objective whose gradient was
+  accumulated; ``"last"`` probes the last micro-batch only (``gradient_accumulation_steps``
+  times cheaper). The probes see the gradient's own batch (see the README on the bias this
+  gives: rates are somewhat too long; the robust policy bounds them).
+* **Gradient clipping** happens in the Trainer before the step; Hi-DLR's direction is the
+  base optimizer's step on the clipped gradient.
+* **Mixed precision**: probes call the model as prepared by ``accelerate`` (autocast) inside
+  :meth:`transformers.Trainer.compute_loss_context_manager`. With a ``GradScaler`` (fp16 on
+  GPU) a skipped step (inf / NaN gradients) skips Hi-DLR's step too.
+* **Scheduler**: the Trainer's scheduler multiplies the adapted rates (the rate used is
+  ``lrs[k] * lr / initial_lr``).
+* **Checkpoints**: ``optimizer.pt`` holds ``HiDLR.state_dict()`` (base state, rates, step
+  count, history); ``resume_from_checkpoint`` continues bit-identically (tested on CPU).
+* **Logging**: every Trainer log of the training loss gains ``hidlr/lr/<group>`` (adapted
+  rate, before the scheduler's factor: the rate used is it times ``learning_rate /
+  args.learning_rate``), ``hidlr/r2/<group>`` and ``hidlr/accepted/<group>`` of the latest
+  probe step, so every ``report_to`` logger (TensorBoard, W&B, ...) records them.
+
+DeepSpeed, FSDP and SageMaker manage their own optimizers and are not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from hidlr.groups import by_lora, by_role
+from hidlr.integrations import find_hidlr, group_names
+from hidlr.optimizer import HiDLR
+
+__all__ = ["ClosureHiDLR", "HiDLRTrainer", "default_groups", "hidlr_log_values"]
+
+GroupFn = Callable[[nn.Module], Sequence[Mapping[str, Any]]]
+
+
+class ClosureHiDLR(HiDLR):
+    """:class:`hidlr.HiDLR` that falls back on :attr:`default_closure` when :meth:`step` is
+    called without one (as ``transformers.Trainer`` and ``accelerate`` do).
+
+    ``default_closure`` is set by whoever owns the batch (:class:`HiDLRTrainer` before every
+    optimizer step); it is not saved in checkpoints. A closure passed to :meth:`step` wins.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+        super().__init__(optimizer, **kwargs)
+        self.default_closure: Callable[[], Any] | None = None
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        return super().step(closure if closure is not None else self.default_closure)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["default_closure"] = None
+        return state
+
+
+def _is_peft_lora(model: nn.Module) -> bool:
+    return any(
+        p.requires_grad and {"lora_A", "lora_B"} & set(n.split("."))
+        for n, p in model.named_parameters()
+    )
+
+
+def default_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """:func:`hidlr.by_lora` (``lora_A`` / ``lora_B`` / ``head``) for a LoRA model, else
+    :func:`hidlr.by_role` (``head`` / ``norm`` / ``bias`` / ``rest``)."""
+    if _is_peft_lora(model):
+        return by_lora(model)
+    return by_role(model)
+
+
+def hidlr_log_values(optimizer: Any) -> dict[str, float]:
+    """What :class:`HiDLRTrainer` adds to each training log: per group the adapted rate
+    (``hidlr/lr/<name>``) and, once a probe step happened, the latest fit's ``R^2``
+    (``hidlr/r2/<name>``, NaN if the group was not probed) and whether its proposal was
+    accepted (``hidlr/accepted/<name>``, 0 or 1)."""
+    opt = find_hidlr(optimizer)
+    names = group_names(opt)
+    logs: dict[str, float] = {}
+    for name, lr in zip(names, opt.lrs, strict=True):
+        logs[f"hidlr/lr/{name}"] = float(lr)
+    history = opt.history
+    if history:
+        for g in history[-1].groups:
+            logs[f"hidlr/r2/{names[g.group]}"] = float(g.r2)
+            logs[f"hidlr/accepted/{names[g.group]}"] = float(g.accepted)
+    return logs
+
+
+class HiDLRTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains with Hi-DLR (see the module docstring).
+
+    Args (keywords, besides every ``Trainer`` argument):
+        hidlr_groups: a function of the model returning param groups (dicts with
+            ``"params"``, optionally ``"name"`` and other per-group options such as
+            ``"weight_decay"``); default :func:`default_groups`. Only trainable parameters
+            may appear. A group without ``"weight_decay"`` gets ``args.weight_decay``,
+            or 0 when none of its parameters is one the Trainer decays (biases, norms).
+        hidlr_kwargs: keyword arguments of :class:`hidlr.HiDLR` (``update_every``,
+            ``policy``, ...).
+        probe_micro_batches: ``"all"`` (default) or ``"last"``: which micro-batches of a
+            step the probes' loss averages over under gradient accumulation.
+
+    An optimizer passed through ``optimizers=(opt, scheduler)`` is used as the base and
+    wrapped, unless it already is a :class:`ClosureHiDLR`. The Hi-DLR optimizer is
+    :attr:`hidlr_optimizer` (``trainer.optimizer`` is ``accelerate``'s wrapper around it).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        hidlr_groups: GroupFn | None = None,
+        hidlr_kwargs: Mapping[str, Any] | None = None,
+        probe_micro_batches: str = "all",
+        **kwargs: Any,
+    ) -> None:
+        if probe_micro_batches not in ("all", "last"):
+            raise ValueError(
+                f"probe_micro_batches must be 'all' or 'last', got {probe_micro_batches!r}"
+            )
+        if hidlr_groups is not None and not callable(hidlr_groups):
+            raise TypeError(f"hidlr_groups must be callable, got {hidlr_groups!r}")
+        self.hidlr_groups: GroupFn = hidlr_groups or default_groups
+        self.hidlr_kwargs: dict[str, Any] = dict(hidlr_kwargs or {})
+        self.probe_micro_batches = probe_micro_batches
+        self._hidlr_batches: list[Any] = []
+        self._hidlr_model: nn.Module | None = None
+        self._hidlr_stash_step = -1
+        super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError("HiDLRTrainer supports neither DeepSpeed nor FSDP")
+
+    # -- the optimizer ---------------------------------------------------------------------
+
+    @property
+    def hidlr_optimizer(self) -> ClosureHiDLR:
+        """The Hi-DLR optimizer (inside ``accelerate``'s wrapper)."""
+        opt = find_hidlr(self.optimizer)
+        if not isinstance(opt, ClosureHiDLR):
+            raise TypeError("the trainer's optimizer is not a ClosureHiDLR")
+        return opt
+
+    def _base_param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        decay = set(self.get_decay_parameter_names(model))
+        decayed = {id(p) for n, p in model.named_parameters() if n in decay}
+        groups = []
+        for i, group in enumerate(self.hidlr_groups(model)):
+            if "params" not in group:
+                raise ValueError(f"hidlr_groups(model)[{i}] has no 'params'")
+            out = dict(group)
+            out["params"] = list(out["params"])
+            if "weight_decay" not in out:
+                any_decayed = any(id(p) in decayed for p in out["params"])
+                out["weight_decay"] = self.args.weight_decay if any_decayed else 0.0
+            groups.append(out)
+        return groups
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        opt_model: Any = self.model if model is None else model
+        if self.optimizer is None:
+            # Trainer(optimizer_cls_and_kwargs=...), absent in old transformers
+            given = getattr(self, "optimizer_cls_and_kwargs", None)
+            if given is not None:
+                cls, kwargs = given
+            else:
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            kwargs = dict(kwargs)
+            if any(k in kwargs for k in ("params", "model", "optimizer_dict")) or not (
+                isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+            ):
+                raise ValueError(
+                    f"HiDLRTrainer needs a plain torch optimizer, got optim={self.args.optim!r}"
+                )
+            base = cls(self._base_param_groups(opt_model), **kwargs)
+            self.optimizer = ClosureHiDLR(base, **self.hidlr_kwargs)
+        elif not isinstance(self.optimizer, ClosureHiDLR):
+            if isinstance(self.optimizer, HiDLR):
+                raise TypeError(
+                    "pass the base optimizer (or a ClosureHiDLR) to HiDLRTrainer, not a HiDLR: "
+                    "the Trainer calls step() without a closure"
+                )
+            self.optimizer = ClosureHiDLR(self.optimizer, **self.hidlr_kwargs)
+        return self.optimizer
+
+    # -- the probe closure -----------------------------------------------------------------
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        # global_step advances after every optimizer step (taken or skipped by a scaler):
+        # a new value means a new step's first micro-batch
+        if self.probe_micro_batches == "last" or self._hidlr_stash_step != self.state.global_step:
+            self._hidlr_batches = []
+        self._hidlr_stash_step = self.state.global_step
+        self._hidlr_batches.append(inputs)
+        self._hidlr_model = model
+        opt = find_hidlr(self.optimizer)
+        if isinstance(opt, ClosureHiDLR):
+            opt.default_closure = self._probe_loss
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _probe_loss(self) -> torch.Tensor:
+        """The mean loss of the model on this step's stashed micro-batches (no backward)."""
+        batches, model = self._hidlr_batches, self._hidlr_model
+        if not batches or model is None:
+            raise RuntimeError("HiDLRTrainer: no batch stashed for the probe closure")
+        total = torch.zeros((), dtype=torch.float32)
+        for inputs in batches:
+            prepared = self._prepare_inputs(dict(inputs))
+            with self.compute_loss_context_manager():
+                out = self.compute_loss(model, prepared)
+            loss = out[0] if isinstance(out, tuple) else out
+            if self.args.n_gpu > 1:
+                loss = loss.mean()
+            total = total.to(loss.device) + loss.detach().float()
+        return total / len(batches)
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.optimizer is not None:
+            with contextlib.suppress(TypeError):
+                extra = hidlr_log_values(self.optimizer)
+                logs = {**logs, **{k: v for k, v in extra.items() if not math.isnan(v)}}
+        super().log(logs, start_time)

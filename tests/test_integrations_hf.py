@@ -1,0 +1,353 @@
+"""Hi-DLR in the Hugging Face stack: Trainer, accelerate, peft LoRA, TensorBoard.
+
+Every model is a tiny randomly initialised BERT built from a config (nothing is downloaded);
+the data are synthetic token sequences whose class decides which half of the vocabulary the
+tokens come from. Each training test trains for real steps and checks that the loss fell
+below a stated threshold and that every group's rate moved from its initial value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+transformers = pytest.importorskip(
+    "transformers", reason="optional package 'transformers' is not installed"
+)
+pytest.importorskip("accelerate", reason="optional package 'accelerate' is not installed")
+
+import hidlr  # noqa: E402
+from hidlr.integrations import find_hidlr, group_names  # noqa: E402
+from hidlr.integrations.transformers import (  # noqa: E402
+    ClosureHiDLR,
+    HiDLRTrainer,
+    default_groups,
+    hidlr_log_values,
+)
+
+pytestmark = pytest.mark.integration
+
+LR = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and the machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+LORA_LR = 3e-3
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Class 0: tokens 5..49, class 1: tokens 50..94 (position 0 is [CLS]=2)."""
+
+    def __init__(self, n: int = 256, length: int = 12, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(0, 2, (n,), generator=gen)
+        self.x = torch.randint(5, 50, (n, length), generator=gen) + 45 * self.y[:, None]
+        self.x[:, 0] = 2
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x = self.x[i]
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": self.y[i]}
+
+
+def bert(lora: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    model = transformers.BertForSequenceClassification(config)
+    if lora:
+        peft = pytest.importorskip("peft", reason="optional package 'peft' is not installed")
+        lora_config = peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+        )
+        model = peft.get_peft_model(model, lora_config)
+    return model
+
+
+def trainer(tmp_path, *, lora=False, model=None, steps=40, hidlr_kwargs=None, **args):
+    options = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=2,
+        max_grad_norm=1.0,
+        max_steps=steps,
+        learning_rate=LORA_LR if lora else LR,
+        lr_scheduler_type="linear",
+        weight_decay=0.01,
+        logging_steps=5,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    options.update(args)
+    return HiDLRTrainer(
+        model=bert(lora) if model is None else model,
+        args=transformers.TrainingArguments(**options),
+        train_dataset=Tokens(),
+        hidlr_kwargs={"update_every": 4, **(hidlr_kwargs or {})},
+    )
+
+
+def train_losses(t) -> list[float]:
+    """The Trainer's logged training losses, per micro-batch (the Trainer sums the mean losses
+    of the accumulated micro-batches when the model does not normalise by the token count)."""
+    ga = t.args.gradient_accumulation_steps
+    return [log["loss"] / ga for log in t.state.log_history if "loss" in log]
+
+
+def assert_rates_moved(opt, initial) -> None:
+    for name, lr, start in zip(group_names(opt), opt.lrs, initial, strict=True):
+        assert not math.isclose(lr, start, rel_tol=1e-3), f"rate of {name} stayed at {start}"
+
+
+# -- Trainer ----------------------------------------------------------------------------------
+
+
+def test_trainer_full_model_trains_and_logs(tmp_path):
+    t = trainer(tmp_path)
+    t.train()
+    opt = t.hidlr_optimizer
+    assert isinstance(t.optimizer, torch.optim.Optimizer) and find_hidlr(t.optimizer) is opt
+    assert group_names(opt) == ["head", "norm", "bias", "rest"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0, 0.0, 0.01]
+    losses = train_losses(t)
+    assert losses[0] > 0.5  # chance level is log 2 = 0.69
+    assert losses[-1] < 0.05, losses
+    assert_rates_moved(opt, [LR] * 4)
+    assert opt.steps == 40 and len(opt.history) == 10  # one probe step in update_every=4
+    accepted = sum(g.accepted for r in opt.history for g in r.groups)
+    assert accepted >= 10  # of 40 group fits; R^2 of the tiny bias / norm groups is often poor
+    # every training log carries the rates and the latest fit of each group
+    for log in (log for log in t.state.log_history if "loss" in log):
+        for name in ("head", "norm", "bias", "rest"):
+            assert log[f"hidlr/lr/{name}"] > 0
+            assert 0.0 <= log[f"hidlr/accepted/{name}"] <= 1.0
+    last = next(log for log in reversed(t.state.log_history) if "loss" in log)
+    assert last["hidlr/lr/head"] == opt.lrs[0]
+
+
+def test_trainer_lora_groups_a_b_head(tmp_path):
+    t = trainer(tmp_path, lora=True, steps=60)
+    t.train()
+    opt = t.hidlr_optimizer
+    assert group_names(opt) == ["lora_A", "lora_B", "head"]
+    losses = train_losses(t)
+    assert losses[0] > 0.6
+    assert losses[-1] < 0.35, losses  # half of chance level; reached: 0.23
+    assert_rates_moved(opt, [LORA_LR] * 3)
+    # only the adapter and the head train
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    frozen = [n for n, p in t.model.named_parameters() if id(p) not in trained]
+    assert frozen and all(
+        not p.requires_grad for n, p in t.model.named_parameters() if id(p) not in trained
+    )
+
+
+def test_trainer_mixed_precision_bf16(tmp_path):
+    t = trainer(tmp_path, bf16=True)
+    t.train()
+    assert t.accelerator.mixed_precision == "bf16"
+    losses = train_losses(t)
+    assert losses[-1] < 0.05, losses
+    assert_rates_moved(t.hidlr_optimizer, [LR] * 4)
+
+
+@pytest.mark.parametrize("which", ["all", "last"])
+def test_trainer_probes_the_steps_micro_batches(tmp_path, which):
+    t = trainer(tmp_path, steps=1, gradient_accumulation_steps=3)
+    t.probe_micro_batches = which
+    calls = []
+    t.model.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    t.train()
+    record = t.hidlr_optimizer.history[-1]
+    per_probe = 3 if which == "all" else 1
+    assert calls.count(True) == 3  # the three training micro-batches
+    assert calls.count(False) == record.n_probes * per_probe
+    assert t.hidlr_optimizer.default_closure is not None
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_trainer_resume_is_bit_identical(tmp_path, lora):
+    # a checkpoint in the middle of a probe cycle (update_every=4, saved at step 6)
+    straight = trainer(tmp_path / "a", lora=lora, steps=12, save_strategy="steps", save_steps=6)
+    straight.train()
+    checkpoint = tmp_path / "a" / "checkpoint-6"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert set(saved) == {"base", "hidlr"} and saved["hidlr"]["steps"] == 6
+
+    resumed = trainer(tmp_path / "b", lora=lora, steps=12, save_strategy="no")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    opt_a, opt_b = straight.hidlr_optimizer, resumed.hidlr_optimizer
+    assert opt_a.lrs == opt_b.lrs and opt_a.steps == opt_b.steps == 12
+    assert repr(opt_a.history) == repr(opt_b.history)  # repr: NaN fields compare equal
+    initial = [LORA_LR if lora else LR] * len(opt_a.lrs)
+    assert_rates_moved(opt_a, initial)
+
+
+def test_trainer_wraps_a_given_base_optimizer_and_rejects_a_plain_hidlr(tmp_path):
+    model = bert()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    t = trainer(tmp_path, model=model, steps=8)
+    t.optimizer = base
+    t.train()
+    assert t.hidlr_optimizer.optimizer is base and t.hidlr_optimizer.steps == 8
+    assert group_names(t.hidlr_optimizer) == ["group0"]
+
+    t2 = trainer(tmp_path, steps=2)
+    t2.optimizer = hidlr.HiDLR(torch.optim.SGD(t2.model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="closure"):
+        t2.train()
+    with pytest.raises(ValueError, match="probe_micro_batches"):
+        HiDLRTrainer(model=bert(), probe_micro_batches="first")
+
+
+def test_closure_hidlr_under_a_grad_scaler_skips_overflowing_steps():
+    """The fp16 path (accelerate calls ``scaler.step(optimizer, closure)``): the default
+    closure serves the probes, and a step with inf gradients is skipped by the scaler, Hi-DLR's
+    included."""
+    model = bert()
+    opt = ClosureHiDLR(torch.optim.AdamW(default_groups(model), lr=LR), update_every=4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    data = Tokens()
+    losses = []
+    for step in range(40):
+        batch = data[[(16 * step + i) % len(data) for i in range(16)]]
+        opt.default_closure = lambda batch=batch: model(**batch).loss
+        loss = model(**batch).loss
+        scaler.scale(loss).backward()
+        if step == 10:  # an overflow: the scaler skips this step and halves its scale
+            model.classifier.weight.grad[0, 0] = math.inf
+        before = opt.steps
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        assert opt.steps == before + (step != 10)
+        losses.append(loss.item())
+    assert scaler.get_scale() < 2.0**10
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.steps == 39 and len(opt.history) == 10
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert first > 0.6 and last < 0.1, (first, last)  # reached: 0.055
+    assert_rates_moved(opt, [LR] * 4)
+
+
+def test_default_groups_and_log_values():
+    assert [g["name"] for g in default_groups(bert())] == ["head", "norm", "bias", "rest"]
+    opt = ClosureHiDLR(torch.optim.SGD(default_groups(bert()), lr=0.1))
+    assert hidlr_log_values(opt) == {f"hidlr/lr/{n}": 0.1 for n in group_names(opt)}
+    with pytest.raises(TypeError):
+        find_hidlr(torch.optim.SGD(bert().parameters(), lr=0.1))
+
+
+# -- accelerate ------------------------------------------------------------------------------
+
+
+def test_accelerate_loop_with_gradient_accumulation():
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    set_seed(0)
+    model = bert()
+    base = torch.optim.AdamW(hidlr.by_role(model, "head"), lr=LR)
+    opt = hidlr.HiDLR(base, update_every=4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 100)
+    loader = torch.utils.data.DataLoader(Tokens(), batch_size=16, shuffle=True)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, opt_p, loader, sched = accelerator.prepare(model, opt, loader, sched)
+    assert find_hidlr(opt_p) is opt
+
+    # the probe closure averages over the micro-batches of the step, as HiDLRTrainer does
+    losses, micro, step_batches = [], 0, []
+    model.train()
+    for _epoch in range(4):
+        for batch in loader:
+            step_batches = [*step_batches[-1:], batch]  # GA=2: this and the previous one
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+
+                def closure(batches=step_batches):
+                    return sum(model(**b).loss for b in batches) / len(batches)
+
+                opt_p.step(closure)  # skipped by accelerate on accumulation-only micro-batches
+                sched.step()
+                opt_p.zero_grad()
+            losses.append(loss.item())
+            micro += 1
+    assert opt.steps == micro // 2 == 32
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert first > 0.6 and last < 0.05, (first, last)
+    assert_rates_moved(opt, [LR, LR])
+    assert len(opt.history) == 8
+
+
+# -- TensorBoard -----------------------------------------------------------------------------
+
+
+def test_tensorboard_logs_rates_fit_and_acceptance(tmp_path):
+    tensorboard = pytest.importorskip(
+        "tensorboard", reason="optional package 'tensorboard' is not installed"
+    )
+    del tensorboard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from hidlr.integrations.tensorboard import record_scalars, trainer_callback
+
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    t = trainer(tmp_path / "out", steps=40)
+    t.add_callback(trainer_callback(writer))
+    t.train()
+    writer.close()
+    opt = t.hidlr_optimizer
+    assert train_losses(t)[-1] < 0.05
+    assert_rates_moved(opt, [LR] * 4)
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in ("head", "norm", "bias", "rest"):
+        for what in ("lr", "r2", "accepted"):
+            assert f"hidlr/{name}/{what}" in tags
+    lr_head = events.Scalars("hidlr/head/lr")
+    assert [e.step for e in lr_head] == [r.step + 1 for r in opt.history] == list(range(1, 41, 4))
+    assert lr_head[-1].value == pytest.approx(opt.lrs[0], rel=1e-6)
+    accepted = [e.value for e in events.Scalars("hidlr/rest/accepted")]
+    assert set(accepted) <= {0.0, 1.0}
+    r2 = events.Scalars("hidlr/head/r2")[-1].value
+    assert r2 == pytest.approx(opt.history[-1].groups[0].r2, rel=1e-6)
+    assert record_scalars(opt.history[-1], group_names(opt))["hidlr/head/lr"] == opt.lrs[0]
