@@ -633,3 +633,18 @@ def test_parameters_keep_their_storage_and_shared_storage_stays_shared(accept):
         assert torch.allclose(b.detach(), torch.full((4,), -2.0, dtype=F64))
     else:
         assert torch.equal(a.detach(), ra.detach()) and torch.equal(b.detach(), rb.detach())
+
+
+def test_mover_moves_on_from_a_near_zero_offset():
+    """A probe a hair from the base step (c * rate / used - 1 rounding to ~1e-16) must not
+    lose the direction: the next probe lands where it should, not on rounding noise."""
+    from hidlr._probing import GroupMover
+
+    p = torch.tensor([1.0], dtype=F64)  # w0; w1 = 2, so the direction is 1
+    mover = GroupMover([p], [torch.tensor([2.0], dtype=F64)])
+    mover.move(1e-17)
+    assert torch.equal(p, torch.tensor([2.0], dtype=F64))  # taken as w1 itself
+    mover.move(1.0)
+    assert torch.equal(p, torch.tensor([3.0], dtype=F64))
+    mover.finish(0.5)
+    assert torch.equal(p, torch.tensor([2.5], dtype=F64))

@@ -21,6 +21,9 @@ import torch
 from torch import nn
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Offsets this close to 0 are taken as w1 itself: a parameter at a tiny offset holds almost
+# nothing of the direction, and moving on from it would amplify rounding by 1 / offset.
+_SNAP = 1e-3
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
@@ -66,6 +69,8 @@ class GroupMover:
         self._finished = False
 
     def move(self, offset: float) -> None:
+        if abs(offset) < _SNAP:
+            offset = 0.0
         if offset == self.offset or not self.params:
             return
         if offset == 0.0:

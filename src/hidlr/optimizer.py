@@ -317,6 +317,8 @@ class HiDLR(Optimizer):
 
     @staticmethod
     def _effective_lr(group: dict[str, Any]) -> float:
+        if group["lr"] == group["hidlr_ref_lr"]:  # no scheduler factor: exactly the adapted rate
+            return group["hidlr_lr"]
         return group["lr"] * (group["hidlr_lr"] / group["hidlr_ref_lr"])
 
     def _base_step(self) -> None:

@@ -1,0 +1,128 @@
+"""HiDLR in a Lightning ``Trainer`` with automatic optimisation, checkpoints included.
+
+Lightning calls ``optimizer.step(closure)`` with a closure that runs ``training_step`` and
+``backward``; HiDLR's probes need another closure, the loss *without* backward. So:
+
+- :class:`LightningHiDLR` (a :class:`~hidlr.HiDLR`) runs Lightning's closure first (forward and
+  backward, with gradients enabled), then its own step, probing with the module's
+  ``probe_loss(batch)`` on the current batch;
+- :class:`HiDLRCallback` hands it each training batch (``on_train_batch_start``).
+
+Use::
+
+    class Net(L.LightningModule):
+        def training_step(self, batch, i): return loss_fn(self(batch[0]), batch[1])
+        def probe_loss(self, batch): return loss_fn(self(batch[0]), batch[1])  # no backward
+        def configure_optimizers(self):
+            return LightningHiDLR(torch.optim.AdamW(groups, lr=1e-3), update_every=4)
+
+    L.Trainer(callbacks=[HiDLRCallback()]).fit(Net(), loader)
+
+Checkpoints: Lightning saves ``optimizer.state_dict()`` (the base optimizer's state, the adapted
+rates and HiDLR's step count) and restores it on ``fit(ckpt_path=...)``; a run resumed at an
+epoch boundary continues bit for bit like an uninterrupted one.
+
+Probes use the gradient's own batch, whose fitted rates are systematically somewhat too long
+(the README's robustness benchmark); gradient accumulation is not supported (the probe step
+would see a partial gradient), nor is manual optimisation (call ``opt.step(closure)`` yourself
+there, as with plain HiDLR).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hidlr.optimizer import HiDLR
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - the standalone package
+    try:
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,assignment]
+    except ImportError as exc:
+        raise ImportError(
+            "hidlr.integrations.lightning needs Lightning: pip install lightning"
+        ) from exc
+
+__all__ = ["HiDLRCallback", "LightningHiDLR"]
+
+
+class LightningHiDLR(HiDLR):
+    """:class:`~hidlr.HiDLR` for Lightning's automatic optimisation.
+
+    ``step(closure)`` calls Lightning's ``closure`` (training step and backward), then steps
+    HiDLR; on probe steps the probes call :attr:`probe_closure`, which
+    :class:`HiDLRCallback` sets to ``lambda: module.probe_loss(batch)`` for each batch.
+    Returns the training loss, as Lightning expects. Same arguments as :class:`~hidlr.HiDLR`.
+    """
+
+    probe_closure: Callable[[], Any] | None = None
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        probe = self.probe_closure if self.is_probe_step() else None
+        if self.is_probe_step() and probe is None:
+            raise RuntimeError(
+                f"LightningHiDLR has no probe closure at probe step {self.steps}: add "
+                "hidlr.integrations.lightning.HiDLRCallback() to the Trainer's callbacks and "
+                "define probe_loss(batch) on the LightningModule"
+            )
+        super().step(probe)
+        return loss
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("probe_closure", None)  # holds the module and a batch
+        return state
+
+
+class HiDLRCallback(Callback):
+    """Gives every :class:`LightningHiDLR` of the trainer the probe closure of each batch:
+    ``pl_module.probe_loss(batch)`` (or ``probe_loss`` passed here, called as
+    ``probe_loss(pl_module, batch)``)."""
+
+    def __init__(self, probe_loss: Callable[[Any, Any], Any] | None = None) -> None:
+        self.probe_loss = probe_loss
+
+    def _optimizers(self, trainer: Any) -> list[LightningHiDLR]:
+        found = []
+        for opt in trainer.optimizers:
+            inner = getattr(opt, "_optimizer", opt)  # a LightningOptimizer wraps it
+            if isinstance(inner, LightningHiDLR):
+                found.append(inner)
+        return found
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if not self._optimizers(trainer):
+            raise TypeError(
+                "HiDLRCallback: configure_optimizers returned no LightningHiDLR optimizer"
+            )
+        if self.probe_loss is None and not callable(getattr(pl_module, "probe_loss", None)):
+            raise TypeError(
+                f"HiDLRCallback: {type(pl_module).__name__} has no probe_loss(batch) method "
+                "(the loss at the current weights, without backward); define it or pass "
+                "HiDLRCallback(probe_loss=lambda module, batch: ...)"
+            )
+        if getattr(trainer, "accumulate_grad_batches", 1) != 1:
+            raise ValueError("HiDLRCallback does not support accumulate_grad_batches > 1")
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        fn = self.probe_loss
+
+        def probe() -> Any:
+            return fn(pl_module, batch) if fn is not None else pl_module.probe_loss(batch)
+
+        for opt in self._optimizers(trainer):
+            opt.probe_closure = probe
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+        for opt in self._optimizers(trainer):
+            opt.probe_closure = None

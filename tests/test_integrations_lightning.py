@@ -1,0 +1,146 @@
+"""HiDLR in a Lightning Trainer (CPU): automatic optimisation, probes, checkpoint resume."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+L = pytest.importorskip("lightning.pytorch")
+
+from hidlr.integrations.lightning import HiDLRCallback, LightningHiDLR  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+BATCHES_PER_EPOCH = 4
+
+
+def _loader() -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCHES_PER_EPOCH * 16, 5, generator=gen)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0], [3.0]]) + 0.1 * torch.randn(
+        len(x), 1, generator=gen
+    )
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+
+
+class Net(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(5, 8)
+        self.head = nn.Linear(8, 1)
+        self.backwards = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def on_after_backward(self) -> None:
+        self.backwards += 1
+
+    def probe_loss(self, batch):
+        x, y = batch
+        assert not torch.is_grad_enabled()
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        base = torch.optim.SGD(
+            [{"params": self.body.parameters()}, {"params": self.head.parameters()}], lr=0.02
+        )
+        return LightningHiDLR(base, update_every=2)
+
+
+def _trainer(max_epochs: int, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[HiDLRCallback()],
+        **kwargs,
+    )
+
+
+def _fit(max_epochs: int, ckpt_path=None) -> tuple[Net, L.Trainer]:
+    net, trainer = Net(), _trainer(max_epochs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on num_workers and the like
+        trainer.fit(net, _loader(), ckpt_path=ckpt_path)
+    return net, trainer
+
+
+def _opt(trainer: L.Trainer) -> LightningHiDLR:
+    return trainer.optimizers[0]
+
+
+def test_trains_and_adapts_rates():
+    net, trainer = _fit(3)
+    opt = _opt(trainer)
+    assert isinstance(opt, LightningHiDLR)
+    assert opt.steps == trainer.global_step == 3 * BATCHES_PER_EPOCH
+    assert net.backwards == opt.steps  # one forward-backward per step, none during probes
+    assert len(opt.history) == opt.steps // 2
+    assert opt.lrs != [0.02, 0.02]
+    assert any(r.accepted for rec in opt.history for r in rec.groups)
+
+
+def test_resume_from_checkpoint_is_bit_identical(tmp_path):
+    whole, whole_trainer = _fit(4)
+    _, first = _fit(2)
+    path = tmp_path / "half.ckpt"
+    first.save_checkpoint(path)
+    resumed, trainer = _fit(4, ckpt_path=path)
+    assert _opt(trainer).steps == _opt(whole_trainer).steps == 4 * BATCHES_PER_EPOCH
+    assert _opt(trainer).lrs == _opt(whole_trainer).lrs
+    for a, b in zip(resumed.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # repr: the records hold NaNs (no proposal), which == would call different
+    assert repr(_opt(trainer).history) == repr(_opt(whole_trainer).history)
+
+
+def test_needs_probe_loss():
+    class NoProbe(Net):
+        probe_loss = None  # type: ignore[assignment]
+
+    with pytest.raises(TypeError, match="probe_loss"):
+        _trainer(1).fit(NoProbe(), _loader())
+
+
+def test_step_without_callback_explains():
+    net = Net()
+    opt = net.configure_optimizers()
+    loss = net.training_step(next(iter(_loader())), 0)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="HiDLRCallback"):
+        opt.step()
+
+
+def test_probe_loss_passed_to_the_callback():
+    class NoProbe(Net):
+        probe_loss = None  # type: ignore[assignment]
+
+    calls = []
+
+    def probe_loss(module, batch):
+        calls.append(len(batch[0]))
+        return nn.functional.mse_loss(module(batch[0]), batch[1])
+
+    net = NoProbe()
+    trainer = _trainer(1)
+    trainer.callbacks = [HiDLRCallback(probe_loss)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(net, _loader())
+    # two probe steps of the robust policy with two groups: 4 + 4 probes and the combined step
+    assert calls == [16] * 18
+    assert _opt(trainer).steps == BATCHES_PER_EPOCH
