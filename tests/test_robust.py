@@ -170,3 +170,12 @@ def test_robust_checkpoint_resumes_bit_identically(tmp_path):
         assert torch.equal(p, q)
     assert opt.lrs == opt2.lrs
     assert opt.state_dict()["hidlr"]["coupling"] == opt2.state_dict()["hidlr"]["coupling"]
+
+
+def test_spike_detection():
+    from hidlr.fit import spike
+
+    assert not spike(5.0, [1.0, 1.2])  # too little history to judge
+    assert spike(5.0, [1.0, 1.2, 1.1])
+    assert not spike(3.9, [1.0, 1.2, 1.1])
+    assert spike(float("nan"), [1.0, 1.2, 1.1])

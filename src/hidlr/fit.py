@@ -31,6 +31,7 @@ __all__ = [
     "propose_rates",
     "robust_rate",
     "smooth_rate",
+    "spike",
     "step_scale",
 ]
 
@@ -322,3 +323,17 @@ def step_scale(fit: QuadraticFit, steps: Sequence[float], loss_at_step: float) -
     if curvature <= 0:
         return 1.0
     return min(1.0, slope / curvature)
+
+
+SPIKE_FACTOR = 4.0  # a fitted loss this many times its recent floor is a spike
+SPIKE_CUT = 0.1  # and cuts the rates by this factor
+SPIKE_WINDOW = 10  # probe steps the floor looks back over
+
+
+def spike(loss: float, recent: Sequence[float], factor: float = SPIKE_FACTOR) -> bool:
+    """Whether the unperturbed loss of this probe step is a spike: far above the lowest of
+    the recent probe steps (or not finite). Needs a few steps of history to judge."""
+    if len(recent) < 3:
+        return False
+    floor = min(recent)
+    return (not math.isfinite(loss)) or (floor > 0 and loss > factor * floor)

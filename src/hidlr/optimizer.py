@@ -14,6 +14,8 @@ from torch.optim import Optimizer
 from hidlr._probing import GroupMover, _exchange, probe_context
 from hidlr._validation import check_bool, check_choice, check_float, check_int
 from hidlr.fit import (
+    SPIKE_CUT,
+    SPIKE_WINDOW,
     QuadraticFit,
     RateDecision,
     coupling_ratio,
@@ -22,6 +24,7 @@ from hidlr.fit import (
     propose_rates,
     robust_rate,
     smooth_rate,
+    spike,
     step_scale,
 )
 from hidlr.history import GroupProbe, ProbeRecord
@@ -162,6 +165,7 @@ class HiDLR(Optimizer):
         self._steps = 0
         self._coupling = 1.0
         self._coupling_updates = 0
+        self._recent_losses: list[float] = []  # fitted unperturbed losses of recent probe steps
         self._history: deque[ProbeRecord] = deque(
             maxlen=check_int("history_size", history_size, minimum=0)
         )
@@ -213,6 +217,7 @@ class HiDLR(Optimizer):
                 "steps": self._steps,
                 "coupling": self._coupling,
                 "coupling_updates": self._coupling_updates,
+                "recent_losses": list(self._recent_losses),
                 "options": dict(self.options),
                 "history": [r.as_dict() for r in self._history],
             },
@@ -232,6 +237,7 @@ class HiDLR(Optimizer):
         self._steps = int(saved["steps"])
         self._coupling = float(saved["coupling"])
         self._coupling_updates = int(saved["coupling_updates"])
+        self._recent_losses = [float(v) for v in saved.get("recent_losses", [])]
         self._history = deque(
             (ProbeRecord.from_dict(r) for r in saved["history"]), maxlen=self._history.maxlen
         )
@@ -422,6 +428,17 @@ class HiDLR(Optimizer):
             fit = self._fit(rows, values, rates)
             decisions = propose_rates(fit, min_r2=opts["min_r2"])
             diag, counts, actions = self._diagonal_rates(fit, decisions, active, rates)
+            recent = self._recent_losses
+            if opts["policy"] == "robust" and spike(fit.intercept, recent):
+                # the loss jumped far above its recent floor: the rates (and whatever momentum
+                # they built up) are too large for where training is now; cut them hard
+                for k in active:
+                    diag[k], actions[k] = diag[k] * SPIKE_CUT, "spike"
+            recent = (
+                (recent + [fit.intercept])[-SPIKE_WINDOW:]
+                if math.isfinite(fit.intercept)
+                else recent
+            )
             coupling, n_coupling = self._coupling, self._coupling_updates
             step_loss, ratio, backtrack = math.nan, math.nan, 1.0
             if opts["policy"] == "robust" and len(active) >= 2:
@@ -456,6 +473,7 @@ class HiDLR(Optimizer):
                 )
                 g["hidlr_probes"] += 1
         self._coupling, self._coupling_updates = coupling, n_coupling
+        self._recent_losses = recent
         shares = self.influence_share
         records = []
         for k, g in enumerate(groups):
