@@ -89,6 +89,19 @@ class HiDLR(Optimizer):
             ``K(K-1)`` additional probes moving two groups at once) and solve
             :math:`A \eta = b`; all groups of the fit are updated together or not at all.
         max_rate_change: if set, a single update changes a rate at most by this factor.
+        policy: ``"robust"`` (default) or ``"paper"``. ``"paper"`` is Algorithm 1 as written:
+            the smoothed update above, only on accepted fits. ``"robust"`` takes shorter
+            proposals at once and longer ones slowly (at most x2 per update, log-space
+            average), grows a rate whose probes cannot resolve curvature, shrinks it when the
+            probes ascend or blow up or the loss spikes, and with two or more groups measures
+            the combined step with one more forward pass (the coupling the diagonal model
+            misses). Use ``"paper"`` to reproduce the paper; ``"robust"`` never diverged on
+            the robustness benchmark (see the README).
+        freeze_threshold: freeze groups whose share of the total influence (smoothed
+            ``b^2 / 2A``, :attr:`influence_share`) is below this, after ``freeze_warmup``
+            probe steps. ``None`` (default) never freezes.
+        freeze_budget: keep only this many of the most influential groups (frozen the rest).
+        freeze_warmup: probe steps every group must have had before any freezing.
         history_size: how many probe steps of diagnostics to keep (:attr:`history`).
 
     Learning-rate schedulers: attach them to this optimizer (or the base one; they share
