@@ -78,7 +78,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         exp = EXPERIMENTS[name]
         missing = exp.requires()
         if missing is not None:
-            print(f"{name}: skipped, its data is not installed: {missing}")
+            print(f"{name}: skipped, it needs what is not installed: {missing}")
             continue
         specs = exp.specs(args.quick, args.seeds)
 

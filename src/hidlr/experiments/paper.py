@@ -55,9 +55,16 @@ def _needs_widedeep() -> str | None:
 
 
 def _needs_fashion() -> str | None:
+    import importlib.util
+
+    from hidlr.baselines import EXTRA_HINT
     from hidlr.experiments.data import FASHION_DIR, FASHION_INSTALL
 
-    return None if (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").exists() else FASHION_INSTALL
+    if not (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").exists():
+        return FASHION_INSTALL
+    if any(importlib.util.find_spec(m) is None for m in ("prodigyopt", "dadaptation")):
+        return f"its Prodigy and D-Adaptation baselines: {EXTRA_HINT}"
+    return None
 
 
 # -- a generic training loop over (x, y) tensors -----------------------------------------------
