@@ -2,9 +2,8 @@
 
 Both coordinates start from the paper's points and are trained with SGD for 100 iterations.
 The constant rate is the best of the paper's grid ``1e-5 * 10^(k/2), k = 0..11`` by final loss
-(12 runs); Hi-ULR uses one group, Hi-DLR one group per coordinate, each a single run that
-starts from the grid's smallest rate... no: from ``initial_lr`` (default 1e-3), probing every
-step.
+(12 runs); Hi-ULR uses one group, Hi-DLR one group per coordinate, each a single run from
+``initial_lr`` (default 1e-3), probing every step.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 from hidlr.functions import FUNCTIONS
 from hidlr.optimizer import HiDLR
 
-__all__ = ["PAPER_GRID", "Trace", "run_figure2", "save_figure2"]
+__all__ = ["PAPER_GRID", "Trace", "run_2d", "run_figure2", "save_figure2"]
 
 PAPER_GRID = tuple(1e-5 * 10 ** (k / 2) for k in range(12))
 
@@ -40,7 +39,7 @@ class Trace:
         return self.losses[-1]
 
 
-def _run(
+def run_2d(
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     start: tuple[float, float],
     iterations: int,
@@ -48,6 +47,8 @@ def _run(
     lr: float,
     **hidlr_options: Any,
 ) -> Trace:
+    """Minimise ``fn(x, y)`` from ``start`` with SGD: ``method`` is ``"constant"`` (rate ``lr``),
+    ``"Hi-ULR"`` (one group) or ``"Hi-DLR"`` (one group per coordinate), starting at ``lr``."""
     x = torch.nn.Parameter(torch.tensor(start[0], dtype=torch.float64))
     y = torch.nn.Parameter(torch.tensor(start[1], dtype=torch.float64))
     groups = [{"params": [x]}, {"params": [y]}] if method == "Hi-DLR" else [{"params": [x, y]}]
@@ -83,12 +84,12 @@ def run_figure2(
     out: dict[str, list[Trace]] = {}
     options = {"update_every": update_every, "smoothing": smoothing}
     for name, (fn, start, _) in FUNCTIONS.items():
-        grid = [_run(fn, start, iterations, "constant", lr) for lr in PAPER_GRID]
+        grid = [run_2d(fn, start, iterations, "constant", lr) for lr in PAPER_GRID]
         best = min(grid, key=lambda t: t.final if math.isfinite(t.final) else math.inf)
         out[name] = [
             best,
-            _run(fn, start, iterations, "Hi-ULR", initial_lr, **options),
-            _run(fn, start, iterations, "Hi-DLR", initial_lr, **options),
+            run_2d(fn, start, iterations, "Hi-ULR", initial_lr, **options),
+            run_2d(fn, start, iterations, "Hi-DLR", initial_lr, **options),
         ]
     return out
 

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hidlr.demo import PAPER_GRID
-from hidlr.demo import _run as run_2d
+from hidlr.demo import PAPER_GRID, run_2d
 from hidlr.experiments import finetune, image
 from hidlr.experiments.models import NAM, LoRALinear, MixtureOfExperts
 from hidlr.experiments.results import RunSpec
