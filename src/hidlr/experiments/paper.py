@@ -24,6 +24,7 @@ from hidlr.experiments import finetune, image
 from hidlr.experiments.models import NAM, LoRALinear, MixtureOfExperts
 from hidlr.experiments.results import RunSpec
 from hidlr.functions import FUNCTIONS
+from hidlr.groups import by_subnetwork
 from hidlr.optimizer import HiDLR
 
 __all__ = ["EXPERIMENTS", "Experiment"]
@@ -89,6 +90,17 @@ def _optimizer(method: str, groups: list[dict[str, Any]], cfg: dict[str, Any]) -
         policy = "paper" if method.endswith("_paper") else "robust"
         return HiDLR(base, update_every=cfg.get("update_every", 4), policy=policy)
     return base
+
+
+def _fit_spec(
+    spec: RunSpec,
+    model: nn.Module,
+    groups: list[dict[str, Any]],
+    data: dict[str, torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
+) -> dict[str, Any]:
+    """:func:`_fit` with the method a spec names (a grid point's method is its grid's)."""
+    return _fit(model, groups, spec.config.get("grid") or spec.method, spec.config, data, loss_fn)
 
 
 def _fit(
@@ -243,8 +255,7 @@ def _lora_run(spec: RunSpec) -> dict[str, Any]:
         base.weight.copy_(w0)
     model = LoRALinear(base, rank=2)
     groups = [{"params": [model.lora_A]}, {"params": [model.lora_B]}]
-    method = cfg.get("grid") or spec.method
-    return _fit(model, groups, method, cfg, data, nn.functional.mse_loss)
+    return _fit_spec(spec, model, groups, data, nn.functional.mse_loss)
 
 
 # -- NAM on synthetic additive data (Figures 5, 12, 13) ----------------------------------------
@@ -286,15 +297,8 @@ def _nam_run(spec: RunSpec) -> dict[str, Any]:
     data = {"x": x[:2400], "y": y[:2400], "x_test": x[2400:], "y_test": y[2400:]}
     torch.manual_seed(spec.seed)
     model = NAM(10, hidden=32)
-    groups = [{"params": list(f.parameters())} for f in model.features] + [{"params": [model.bias]}]
-    out = _fit(
-        model,
-        groups,
-        spec.config.get("grid") or spec.method,
-        spec.config,
-        data,
-        nn.functional.mse_loss,
-    )
+    groups = by_subnetwork(model, "features", rest="bias")  # one group per feature's network
+    out = _fit_spec(spec, model, groups, data, nn.functional.mse_loss)
     grid_x = torch.linspace(-1, 1, 101)[:, None].repeat(1, 10)
     with torch.no_grad():
         learned = model.shape_functions(grid_x)
@@ -338,14 +342,7 @@ def _moe_run(spec: RunSpec) -> dict[str, Any]:
         {"params": list(model.gate.parameters())},
         {"params": list(model.experts.parameters())},
     ]
-    out = _fit(
-        model,
-        groups,
-        spec.config.get("grid") or spec.method,
-        spec.config,
-        data,
-        nn.functional.cross_entropy,
-    )
+    out = _fit_spec(spec, model, groups, data, nn.functional.cross_entropy)
     with torch.no_grad():
         out["test_accuracy"] = (
             (model(data["x_test"]).argmax(dim=1) == data["y_test"]).float().mean().item()
@@ -377,15 +374,8 @@ def _california_run(spec: RunSpec) -> dict[str, Any]:
     data = california_housing(seed=0)
     torch.manual_seed(spec.seed)
     model = NAM(8, hidden=32)
-    groups = [{"params": list(f.parameters())} for f in model.features] + [{"params": [model.bias]}]
-    return _fit(
-        model,
-        groups,
-        spec.config.get("grid") or spec.method,
-        spec.config,
-        data,
-        nn.functional.mse_loss,
-    )
+    groups = by_subnetwork(model, "features", rest="bias")  # one group per feature's network
+    return _fit_spec(spec, model, groups, data, nn.functional.mse_loss)
 
 
 # -- multi-task learning: one rate per task head (Figure 4, on the birds data) ------------------
@@ -417,7 +407,7 @@ def _birds_run(spec: RunSpec) -> dict[str, Any]:
     split_output_units(model, "head")
     groups = by_output_unit(model, "head")
     loss_fn = nn.functional.binary_cross_entropy_with_logits
-    out = _fit(model, groups, spec.config.get("grid") or spec.method, spec.config, data, loss_fn)
+    out = _fit_spec(spec, model, groups, data, loss_fn)
     with torch.no_grad():
         logits = model(data["x_test"])
         per_task = nn.functional.binary_cross_entropy_with_logits(
