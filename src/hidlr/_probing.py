@@ -82,6 +82,15 @@ class GroupMover:
         torch._foreach_lerp_(self.params, self.w1, 1.0 - offset / self.offset)
         self.offset = offset
 
+    def moved(self) -> torch.Tensor:
+        """Whether the base step changed any parameter of the group (a bool scalar tensor,
+        on the parameters' device: no host sync)."""
+        if not self.params:
+            return torch.zeros((), dtype=torch.bool)
+        return torch.stack(
+            [torch.ne(p, w).any() for p, w in zip(self.params, self.w1, strict=True)]
+        ).any()
+
     def _unswap(self) -> None:
         if self._swapped:
             _exchange(self.params, self.w1)

@@ -402,13 +402,7 @@ class HiDLR(Optimizer):
         n = len(groups)
         rates = [g["hidlr_lr"] for g in groups]
         used = [self._effective_lr(g) for g in groups]
-        flags = [
-            torch.stack([torch.ne(p, w).any() for p, w in zip(m.params, m.w1, strict=True)]).any()
-            if m.params and not g["hidlr_frozen"]
-            else torch.zeros((), dtype=torch.bool)
-            for m, g in zip(movers, groups, strict=True)
-        ]
-        moved = torch.stack([f.cpu() for f in flags]).tolist() if flags else []
+        moved = self._moved_groups(movers)
         active = [k for k in range(n) if moved[k]]
         rows: list[dict[int, float]] = []
         values: list[torch.Tensor] = []
@@ -540,11 +534,37 @@ class HiDLR(Optimizer):
             for k, c in placement.items():
                 offsets[r, k] = c
         losses = (
-            torch.stack([v.to(torch.float64) for v in values]).cpu()  # the one host sync
-            if values
+            self._reduce_losses(torch.stack([v.to(torch.float64) for v in values])).cpu()
+            if values  # the one host sync
             else torch.zeros(0, dtype=torch.float64)
         )
         return fit_quadratic(offsets, losses, rates, coupled=self.options["coupled"])
+
+    def _moved_groups(self, movers: list[GroupMover]) -> list[bool]:
+        """Which groups' base step changed any of their parameters (frozen ones never count):
+        the groups that are probed. One host sync; the flags pass through :meth:`_reduce_flags`."""
+        flags = [
+            m.moved() if not g["hidlr_frozen"] else torch.zeros((), dtype=torch.bool)
+            for m, g in zip(movers, self.param_groups, strict=True)
+        ]
+        if not flags:
+            return []
+        stacked = torch.stack([f.cpu() for f in flags])
+        return [bool(v) for v in self._reduce_flags(stacked).tolist()]
+
+    # -- hooks for data-parallel subclasses (hidlr.integrations.distributed) ----------------
+
+    def _reduce_flags(self, flags: torch.Tensor) -> torch.Tensor:
+        """Combine this process's per-group "moved" flags (a bool vector on the CPU, one per
+        group) with those of its peers, so that all of them probe the same groups. Identity
+        here; a data-parallel subclass returns the logical or over its ranks."""
+        return flags
+
+    def _reduce_losses(self, losses: torch.Tensor) -> torch.Tensor:
+        """Combine the float64 probe losses of one probe step (a vector, in probe order) with
+        those of the peers, so that all of them fit the same quadratic. Identity here; a
+        data-parallel subclass returns the mean over its ranks (one collective)."""
+        return losses
 
     def _diagonal_rates(
         self,

@@ -41,7 +41,6 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from hidlr.fit import QuadraticFit
 from hidlr.optimizer import Closure, HiDLR, _scalar_loss
 
 __all__ = ["DistributedHiDLR", "ProbeSyncError", "rates_agree"]
@@ -154,15 +153,10 @@ class DistributedHiDLR(HiDLR):
         finally:
             self._fitted = False
 
-    def _fit(
-        self, rows: list[dict[int, float]], values: list[torch.Tensor], rates: list[float]
-    ) -> QuadraticFit:
-        if values:
-            losses = torch.stack([v.to(torch.float64) for v in values])
-            mean = self._all_mean(losses, f"{len(values)} probe losses")
-            values = list(mean.unbind())
+    def _reduce_losses(self, losses: torch.Tensor) -> torch.Tensor:
+        mean = self._all_mean(losses, f"{losses.numel()} probe losses")
         self._fitted = True
-        return super()._fit(rows, values, rates)
+        return mean
 
 
 def rates_agree(opt: HiDLR, process_group: Any = None) -> bool:
