@@ -48,6 +48,42 @@ def test_one_group_on_quadratic_is_exact_line_search():
     assert rec.decrease == pytest.approx(rec.b**2 / (2 * rec.A), rel=1e-12)
 
 
+@pytest.mark.parametrize("mults", [(-1, 1, 2), (-2, 0, 2), (0, 1, 2), (-1, 0, 1, 2)])
+def test_cheaper_probes_are_still_exact_line_search(mults):
+    """Fewer points per group, or a shared probe at the unperturbed point (multiplier 0), fit
+    the same quadratic: on a quadratic loss every choice gives the exact rates, and each costs
+    one forward pass per non-zero multiplier and group plus one for a 0."""
+    h, q = spd(8, 1)
+    w = [nn.Parameter(torch.randn(4, dtype=F64)) for _ in range(2)]
+    calls = []
+
+    def loss():
+        calls.append(1)
+        v = torch.cat(w)
+        return 0.5 * v @ h @ v - q @ v
+
+    opt = paper(
+        torch.optim.SGD([{"params": [w[0]]}, {"params": [w[1]]}], lr=0.01),
+        smoothing=0.0,
+        update_every=1,
+        probe_multipliers=mults,
+    )
+    opt.zero_grad()
+    loss().backward()
+    g = [p.grad.clone() for p in w]
+    calls.clear()
+    opt.step(loss)
+    nonzero = sum(c != 0 for c in mults)
+    assert len(calls) == 2 * nonzero + (0 in mults)
+    assert opt.history[0].n_probes == len(calls)
+    # each group's fit is its own exact line search, the other group held at w0
+    hk = [h[:4, :4], h[4:, 4:]]
+    for k in range(2):
+        exact = (g[k] @ g[k] / (g[k] @ hk[k] @ g[k])).item()
+        assert opt.lrs[k] == pytest.approx(exact, rel=1e-9)
+        assert opt.history[0].groups[k].r2 == pytest.approx(1.0, abs=1e-9)
+
+
 def test_two_groups_on_ellipse_is_newton():
     x = nn.Parameter(torch.tensor(50.0, dtype=F64))
     y = nn.Parameter(torch.tensor(1.0, dtype=F64))
@@ -538,9 +574,15 @@ def sgd():
         (
             {"probe_multipliers": (1, 2)},
             ValueError,
-            r"probe_multipliers must be a sequence of at least 3",
+            r"probe_multipliers must be .* at least 3 non-zero, or 2 non-zero and 0",
         ),
-        ({"probe_multipliers": (0, 1, 2)}, ValueError, r"probe_multipliers must be .*non-zero"),
+        (
+            {"probe_multipliers": (0, 1)},
+            ValueError,
+            r"probe_multipliers must be .*2 non-zero and 0",
+        ),
+        ({"probe_multipliers": (0, -1, 1, 2, 0)}, ValueError, r"probe_multipliers .*distinct"),
+        ({"probe_multipliers": (-1, 1, float("inf"))}, ValueError, r"probe_multipliers .*finite"),
         ({"probe_multipliers": (1, 1, 2)}, ValueError, r"probe_multipliers must be .*distinct"),
         ({"probe_multipliers": (-1, -2, -3)}, ValueError, r"probe_multipliers must be .*> 0"),
         ({"probe_multipliers": 3}, TypeError, r"probe_multipliers must be a sequence"),

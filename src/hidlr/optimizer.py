@@ -38,16 +38,20 @@ Closure = Callable[[], Any]
 
 
 def _check_multipliers(value: Any) -> tuple[float, ...]:
-    accepted = "a sequence of at least 3 distinct finite non-zero numbers, one of them > 0"
+    accepted = (
+        "a sequence of distinct finite numbers, one of them > 0: at least 3 non-zero, or 2 "
+        "non-zero and 0"
+    )
     try:
         mults = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         raise TypeError(f"probe_multipliers must be {accepted}, got {value!r}") from None
+    nonzero = [m for m in mults if m != 0]
     ok = (
-        len(mults) >= 3
-        and len(set(mults)) == len(mults)
-        and all(math.isfinite(m) and m != 0 for m in mults)
+        len(set(mults)) == len(mults)
+        and all(math.isfinite(m) for m in mults)
         and any(m > 0 for m in mults)
+        and (len(nonzero) >= 3 or (len(nonzero) == 2 and len(mults) == 3))
     )
     if not ok:
         raise ValueError(f"probe_multipliers must be {accepted}, got {value!r}")
@@ -82,7 +86,11 @@ class HiDLR(Optimizer):
         smoothing: weight of the old rate in the update. Larger is steadier; 0 jumps straight
             to the fitted rate (Newton-like, for deterministic problems).
         probe_multipliers: where to probe, in units of the current rate. Must straddle 0 for
-            a good fit; the default ``(-2, -1, 1, 2)`` is the paper's.
+            a good fit; the default ``(-2, -1, 1, 2)`` is the paper's. Each non-zero value
+            costs one forward pass per group; a ``0`` costs one forward pass per probe step
+            (the unperturbed point, shared by all groups). Cheaper choices: ``(-1, 1, 2)``
+            (3K passes) or ``(-2, 0, 2)`` (2K + 1 passes; with two points per group the fit
+            is exact, so the ``min_r2`` guard can no longer reject a noisy fit).
         min_r2: accept a fit only when its :math:`R^2` on the group's probes exceeds this.
             A value above 1 disables all updates (the rates stay at their initial values).
         coupled: fit the full matrix :math:`A` of eq. 2.4 (cross terms between groups, from
@@ -420,11 +428,15 @@ class HiDLR(Optimizer):
             values.append(evaluate())
             rows.append(placement)
 
+        mults = [c for c in opts["probe_multipliers"] if c != 0.0]
         with probe_context(devices) as (rng, guard):
-            for k in active:
-                for c in opts["probe_multipliers"]:
+            if active and len(mults) < len(opts["probe_multipliers"]):
+                probe({})  # a 0 multiplier: the unperturbed point, shared by all groups
+            for i, k in enumerate(active):
+                for c in mults:
                     probe({k: c})
-                movers[k].move(-1.0)
+                if opts["coupled"] or i + 1 < len(active):
+                    movers[k].move(-1.0)  # back to w0 for the next group's probes
             if opts["coupled"]:
                 for i, k in enumerate(active):
                     for l in active[i + 1 :]:
