@@ -4,7 +4,7 @@
 probing the loss along the base optimizer's own step; with one group it is GeN (Hi-ULR).
 """
 
-from hidlr.batches import with_probe_batch
+from hidlr.batches import probe_subset, with_probe_batch
 from hidlr.fit import QuadraticFit, RateDecision, fit_quadratic, propose_rates
 from hidlr.groups import (
     GroupSummary,
@@ -48,6 +48,7 @@ __all__ = [
     "format_groups",
     "history_rows",
     "merge_output_units",
+    "probe_subset",
     "propose_rates",
     "save_history",
     "split_output_units",

@@ -1,0 +1,48 @@
+"""Probe batches: the next batch, or a fraction of it."""
+
+from collections import namedtuple
+
+import pytest
+import torch
+
+from hidlr import probe_subset, with_probe_batch
+
+
+def test_fraction_of_the_next_batch():
+    batches = [(torch.arange(10) + 10 * i, torch.arange(10) % 2) for i in range(3)]
+    pairs = list(with_probe_batch(batches, fraction=0.25))
+    assert len(pairs) == 3
+    for i, (batch, probe) in enumerate(pairs):
+        assert batch is batches[i]
+        nxt = batches[min(i + 1, 2)]
+        assert isinstance(probe, tuple) and len(probe) == 2
+        assert torch.equal(probe[0], nxt[0][:3])  # ceil(0.25 * 10) examples
+        assert torch.equal(probe[1], nxt[1][:3])
+
+
+def test_probe_subset_keeps_structure_and_scalars():
+    pair = namedtuple("pair", "x y")
+    batch = {
+        "input_ids": torch.ones(8, 5),
+        "extra": [pair(torch.zeros(8), torch.tensor(3.0))],
+        "name": "not a tensor",
+    }
+    out = probe_subset(batch, 0.5)
+    assert out["input_ids"].shape == (4, 5)
+    assert isinstance(out["extra"], list) and isinstance(out["extra"][0], pair)
+    assert out["extra"][0].x.shape == (4,)
+    assert out["extra"][0].y.item() == 3.0  # 0-d tensors have no batch dimension
+    assert out["name"] == "not a tensor"
+    assert probe_subset(batch, 1.0) is batch
+    assert probe_subset(torch.ones(3), 0.01).shape == (1,)  # at least one example
+
+
+def test_probe_subset_rejects_bad_input():
+    with pytest.raises(
+        ValueError, match=r"fraction must be a finite float > 0.0 and <= 1.0, got 0"
+    ):
+        with_probe_batch([1], fraction=0)
+    with pytest.raises(ValueError, match=r"fraction must be .* got 1.5"):
+        probe_subset(torch.ones(2), 1.5)
+    with pytest.raises(ValueError, match=r"one batch size .* got sizes \[3, 4\]"):
+        probe_subset((torch.ones(3), torch.ones(4)), 0.5)
