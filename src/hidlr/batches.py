@@ -79,7 +79,7 @@ def _slice(batch: Any, keep: int) -> Any:
     if isinstance(batch, Mapping):
         items = {k: _slice(v, keep) for k, v in batch.items()}
         try:
-            return type(batch)(items)
+            return type(batch)(items)  # type: ignore[call-arg]
         except TypeError:
             return items
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
