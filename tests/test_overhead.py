@@ -26,6 +26,7 @@ from hidlr.experiments.overhead import (
     snapshot_bytes,
     split_groups,
 )
+from hidlr.experiments.probe_options import VARIANTS, ProbeVariant
 
 
 def test_paper_bound_and_forward_count():
@@ -136,7 +137,23 @@ def test_run_overhead_end_to_end(tmp_path):
         epoch_batches=2,
         plot=False,
     )
-    assert set(result) >= {"config", "workloads", "speed", "table4", "memory", "profile"}
+    assert set(result) >= {
+        "config",
+        "workloads",
+        "speed",
+        "table4",
+        "memory",
+        "profile",
+        "probe_options",
+    }
+    options = result["probe_options"]
+    assert [r["variant"] for r in options["speed"]] == [v.name for v in VARIANTS]
+    for r in options["speed"]:
+        assert 0 < r["limit"] < 1 and r["speed"] > 0
+    assert [b["model"] for b in options["batched"]] == ["mlp", "transformer", "cnn"]
+    assert "error" in options["batched"][2]  # BatchNorm's running statistics cannot be vmapped
+    assert options["batched"][0]["same_losses"] is True
+    assert options["quality"]["variants"][0]["valid_loss_vs_default"] == 1.0
     assert result["config"]["threads"] == 1
     assert len(result["speed"]) == len(ks) * len(phis) * 2  # two policies
     keys = {
@@ -188,6 +205,7 @@ def test_run_overhead_end_to_end(tmp_path):
     assert (tmp_path / "overhead.txt").read_text() == text + "\n"
     assert "Phi=1" in text and "mlp + sgd, policy=robust" in text
     assert "Table 4" in text and "memory" in text and "bookkeeping" in text
+    assert "cheaper probing, speed" in text and "noise floor" in text
     assert text.count("\n") > 20
 
 
@@ -210,3 +228,26 @@ def test_plot(tmp_path):
     }
     png = plot_overhead(result, tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("policy", ["paper", "robust"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_probe_variant_counts_the_forwards_hidlr_runs(variant, policy):
+    w = make_workload("mlp", size="tiny")
+    k = 3
+    opt = HiDLR(
+        make_base("sgd", split_groups(w.params, k)),
+        policy=policy,
+        probe_multipliers=variant.multipliers,
+    )
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return w.loss(0, variant.fraction)
+
+    opt.zero_grad()
+    w.loss(0).backward()
+    opt.step(closure)
+    assert len(calls) == variant.forwards(k, policy) == opt.history[0].n_probes
+    assert ProbeVariant("x", (-2.0, 0.0, 2.0)).forwards(2, "paper") == 5

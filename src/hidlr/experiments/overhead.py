@@ -143,8 +143,11 @@ class Workload:
     def __post_init__(self) -> None:
         self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def loss(self, i: int = 0) -> torch.Tensor:
+    def loss(self, i: int = 0, fraction: float = 1.0) -> torch.Tensor:
         x, y = self.batches[i]
+        if fraction < 1.0:
+            keep = max(1, math.ceil(fraction * x.shape[0]))
+            x, y = x[:keep], y[:keep]
         return nn.functional.cross_entropy(self.model(x), y)
 
     def reset(self) -> None:
@@ -261,9 +264,9 @@ def _backward_and_step(
         opt.step()
 
 
-def _forward(w: Workload) -> None:
+def _forward(w: Workload, fraction: float = 1.0) -> None:
     with torch.no_grad():
-        w.loss(0)
+        w.loss(0, fraction)
 
 
 @dataclass
@@ -275,6 +278,7 @@ class _Arm:
     policy: str = ""
     phi: int = 0
     calls: int = 1
+    fraction: float = 1.0  # of the batch the probes (or the timed forward) use
     samples: list[float] = field(default_factory=list)  # per-step (per-call) means, by repeat
     probe: list[float] = field(default_factory=list)  # single probe-step times
     probe_net: list[float] = field(default_factory=list)  # the same less their closure calls
@@ -293,7 +297,7 @@ def _run_arm(w: Workload, arm: _Arm) -> float:
         if arm.kind == "forward":
             for _ in range(arm.calls):
                 t0 = time.perf_counter()
-                _forward(w)
+                _forward(w, arm.fraction)
                 times.append(time.perf_counter() - t0)
         else:
             assert arm.opt is not None
@@ -302,7 +306,7 @@ def _run_arm(w: Workload, arm: _Arm) -> float:
 
             def closure() -> torch.Tensor:
                 t = time.perf_counter()
-                loss = w.loss(0)
+                loss = w.loss(0, arm.fraction)
                 calls.append(time.perf_counter() - t)
                 return loss
 
@@ -739,6 +743,7 @@ def run_overhead(
     epoch_batches: int = 16,
     memory: bool = True,
     profile: bool = True,
+    probe_options: bool = True,
     plot: bool = True,
     threads: int = 1,
     progress: Callable[[str], None] | None = None,
@@ -750,6 +755,10 @@ def run_overhead(
     1-2 minutes on one core); otherwise every model, K in {1, 2, 4, 8, 40}, Phi in
     {1, 2, 4, 8, 16} (about 15 minutes). Any of the lists can be given explicitly. Runs with
     ``threads`` intra-op threads (restored afterwards) and flushes denormals.
+
+    ``probe_options``: the cheaper probing variants of :mod:`hidlr.experiments.probe_options`
+    on the transformer with AdamW at K = 2, Phi = 8 (speed, and their rates against the
+    default fit's), and vectorised probes on each model.
     """
     models = tuple(models or (("mlp",) if quick else MODELS))
     bases = tuple(bases or BASES)
@@ -793,6 +802,7 @@ def run_overhead(
         "table4": [],
         "memory": [],
         "profile": [],
+        "probe_options": {},
     }
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -830,6 +840,21 @@ def run_overhead(
                 for k in sorted({ks[0], ks[-1], *(kk for kk in ks if kk == 8)}):
                     say(f"profile: {name}, K={k}")
                     result["profile"].append(profile_probe_step(w, bases[0], k, "robust"))
+        if probe_options:
+            from hidlr.experiments import probe_options as po
+
+            say("cheaper probing: speed")
+            result["probe_options"]["speed"] = po.time_variants(
+                "transformer", "adamw", 2, 8, repeats=repeats + 1, size=size
+            )
+            say("cheaper probing: vectorised probes")
+            result["probe_options"]["batched"] = [
+                po.batched_probe_speed(name, size=size) for name in MODELS
+            ]
+            say("cheaper probing: rates against the default fit")
+            result["probe_options"]["quality"] = po.rate_quality(
+                steps=60 if quick else 200, size=size
+            )
     finally:
         gc.unfreeze()
         torch.set_num_threads(old_threads)
@@ -1022,6 +1047,11 @@ def format_overhead(result: dict[str, Any]) -> str:
             lines.append(f"top torch ops ({p['model']}, K={p['K']}), self CPU ms per probe step:")
             for row in p["ops"][:8]:
                 lines.append(f"  {row['self_ms']:8.3f} ms {row['calls']:7.0f}x  {row['op']}")
+    if result.get("probe_options"):
+        from hidlr.experiments.probe_options import format_probe_options
+
+        lines.append("")
+        lines.append(format_probe_options(result["probe_options"]))
     return "\n".join(lines)
 
 
