@@ -194,6 +194,22 @@ def test_trainer_probes_the_steps_micro_batches(tmp_path, which):
     assert t.hidlr_optimizer.default_closure is not None
 
 
+def test_trainer_probes_a_fraction_of_the_batch(tmp_path):
+    t = trainer(tmp_path, steps=1, gradient_accumulation_steps=1)
+    t.probe_fraction = 0.5
+    sizes = []
+    t.model.register_forward_hook(
+        lambda m, i, o: sizes.append((torch.is_grad_enabled(), o.logits.shape[0]))
+    )
+    t.train()
+    full = t.args.per_device_train_batch_size
+    assert sizes[0] == (True, full)
+    probes = [n for grad, n in sizes if not grad]
+    assert probes and probes == [math.ceil(full / 2)] * t.hidlr_optimizer.history[-1].n_probes
+    with pytest.raises(ValueError, match=r"probe_fraction must be a finite float > 0.0 and <= 1.0"):
+        HiDLRTrainer(model=bert(), probe_fraction=0.0)
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_trainer_resume_is_bit_identical(tmp_path, lora):
     # a checkpoint in the middle of a probe cycle (update_every=4, saved at step 6)

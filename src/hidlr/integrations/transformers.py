@@ -11,7 +11,8 @@ with one param group per group of a grouping function (default: :func:`hidlr.by_
   autocast). With gradient accumulation, ``probe_micro_batches="all"`` (default) probes the
   mean loss over all micro-batches of the step, the objective whose gradient was
   accumulated; ``"last"`` probes the last micro-batch only (``gradient_accumulation_steps``
-  times cheaper). The probes see the gradient's own batch (see the README on the bias this
+  times cheaper); ``probe_fraction`` probes the first fraction of each micro-batch
+  (:func:`hidlr.probe_subset`). The probes see the gradient's own batch (see the README on the bias this
   gives: rates are somewhat too long; the robust policy bounds them).
 * **Gradient clipping** happens in the Trainer before the step; Hi-DLR's direction is the
   base optimizer's step on the clipped gradient.
@@ -41,6 +42,8 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from hidlr._validation import check_float
+from hidlr.batches import probe_subset
 from hidlr.groups import by_lora, by_role
 from hidlr.integrations import find_hidlr, group_names
 from hidlr.optimizer import HiDLR
@@ -117,6 +120,9 @@ class HiDLRTrainer(Trainer):
             ``policy``, ...).
         probe_micro_batches: ``"all"`` (default) or ``"last"``: which micro-batches of a
             step the probes' loss averages over under gradient accumulation.
+        probe_fraction: the probes see the first ``ceil(probe_fraction * n)`` examples of
+            each of those micro-batches (default 1: all); smaller is cheaper and noisier
+            (``hidlr bench overhead`` measures both).
 
     An optimizer passed through ``optimizers=(opt, scheduler)`` is used as the base and
     wrapped, unless it already is a :class:`ClosureHiDLR`. The Hi-DLR optimizer is
@@ -129,12 +135,16 @@ class HiDLRTrainer(Trainer):
         hidlr_groups: GroupFn | None = None,
         hidlr_kwargs: Mapping[str, Any] | None = None,
         probe_micro_batches: str = "all",
+        probe_fraction: float = 1.0,
         **kwargs: Any,
     ) -> None:
         if probe_micro_batches not in ("all", "last"):
             raise ValueError(
                 f"probe_micro_batches must be 'all' or 'last', got {probe_micro_batches!r}"
             )
+        self.probe_fraction = check_float(
+            "probe_fraction", probe_fraction, low=0.0, high=1.0, low_open=True
+        )
         if hidlr_groups is not None and not callable(hidlr_groups):
             raise TypeError(f"hidlr_groups must be callable, got {hidlr_groups!r}")
         self.hidlr_groups: GroupFn = hidlr_groups or default_groups
@@ -226,7 +236,7 @@ class HiDLRTrainer(Trainer):
             raise RuntimeError("HiDLRTrainer: no batch stashed for the probe closure")
         total = torch.zeros((), dtype=torch.float32)
         for inputs in batches:
-            prepared = self._prepare_inputs(dict(inputs))
+            prepared = self._prepare_inputs(probe_subset(dict(inputs), self.probe_fraction))
             with self.compute_loss_context_manager():
                 out = self.compute_loss(model, prepared)
             loss = out[0] if isinstance(out, tuple) else out
