@@ -10,11 +10,18 @@ storage alone, an XOR through integer views otherwise), so the snapshot keeps ``
 ``w1``. Offset 0 (``w1`` itself) would erase the direction, so it is reached by exchanging
 again instead. At the end every parameter is back on its own storage: rejected groups hold
 exactly ``w1``, updated ones their new point, written straight into that storage.
+
+Sharded parameters (``DTensor``, as made by FSDP2's ``fully_shard``) are handled shard-wise:
+every exchange and move works on the process's local shard, in place (FSDP gathers the next
+forward's full parameters from the shard's own storage, so it is never swapped for another).
+This is right for every placement whose local tensor holds plain elements of the parameter
+(``Shard``, ``Replicate``); a shard with no elements on this process simply does nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -24,6 +31,33 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Offsets this close to 0 are taken as w1 itself: a parameter at a tiny offset holds almost
 # nothing of the direction, and moving on from it would amplify rounding by 1 / offset.
 _SNAP = 1e-3
+
+
+def _dtensor_class() -> type | None:
+    """``DTensor`` if its module is loaded (no tensor can be one otherwise): looked up, not
+    imported, as importing it costs most of a second."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        cls = getattr(sys.modules.get(name), "DTensor", None)
+        if cls is not None:
+            return cls  # type: ignore[no-any-return]
+    return None
+
+
+def _local(t: torch.Tensor, dtensor: type | None) -> torch.Tensor:
+    """The local shard of a ``DTensor`` (aliasing its storage), or ``t`` itself."""
+    if dtensor is not None and isinstance(t, dtensor):
+        return t._local_tensor.detach()  # type: ignore[attr-defined, no-any-return]
+    return t
+
+
+def _xor_swap(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.is_complex():
+        x, y = torch.view_as_real(x), torch.view_as_real(y)
+    dtype = _INT_VIEW[x.element_size()]
+    xi, yi = x.view(dtype), y.view(dtype)
+    xi.bitwise_xor_(yi)
+    yi.bitwise_xor_(xi)
+    xi.bitwise_xor_(yi)
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
@@ -39,22 +73,19 @@ def _exchange(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
     """Exchange the contents of ``params[i]`` and ``buffers[i]`` exactly, in place.
 
     Pointer swap when both own their storage (``buffers`` is updated to hold the parameter's
-    old storage), bitwise XOR swap otherwise (views, shared storage).
+    old storage), bitwise XOR swap otherwise (views, shared storage, and the local shards of
+    ``DTensor`` parameters, whose storage must stay where their container put it).
     """
+    dtensor = _dtensor_class()
     for i, (p, b) in enumerate(zip(params, buffers, strict=True)):
-        if _owns_storage(p) and _owns_storage(b):
+        if dtensor is not None and isinstance(p, dtensor):
+            _xor_swap(_local(p, dtensor), _local(b, dtensor))
+        elif _owns_storage(p) and _owns_storage(b):
             old = p.data
             p.data = b
             buffers[i] = old
-            continue
-        x, y = (
-            (torch.view_as_real(p.data), torch.view_as_real(b)) if p.is_complex() else (p.data, b)
-        )
-        dtype = _INT_VIEW[x.element_size()]
-        xi, yi = x.view(dtype), y.view(dtype)
-        xi.bitwise_xor_(yi)
-        yi.bitwise_xor_(xi)
-        xi.bitwise_xor_(yi)
+        else:
+            _xor_swap(p.data, b)
 
 
 class GroupMover:
@@ -67,6 +98,17 @@ class GroupMover:
         self._parked = 0.0  # offset held by self.w1 while swapped
         self._swapped = False
         self._finished = False
+        dtensor = _dtensor_class()
+        sharded = dtensor is not None and any(isinstance(p, dtensor) for p in params)
+        self._dtensor = dtensor if sharded else None
+
+    def _operands(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The tensors the arithmetic runs on: the parameters and ``w1``, or their local shards."""
+        if self._dtensor is None:
+            return self.params, self.w1
+        return [_local(p, self._dtensor) for p in self.params], [
+            _local(w, self._dtensor) for w in self.w1
+        ]
 
     def move(self, offset: float) -> None:
         if abs(offset) < _SNAP:
@@ -79,7 +121,8 @@ class GroupMover:
             return
         self._unswap()
         # params = w1 + alpha * (params - w1) with alpha = offset / current offset
-        torch._foreach_lerp_(self.params, self.w1, 1.0 - offset / self.offset)
+        params, w1 = self._operands()
+        torch._foreach_lerp_(params, w1, 1.0 - offset / self.offset)
         self.offset = offset
 
     def moved(self) -> torch.Tensor:
@@ -87,9 +130,8 @@ class GroupMover:
         on the parameters' device: no host sync)."""
         if not self.params:
             return torch.zeros((), dtype=torch.bool)
-        return torch.stack(
-            [torch.ne(p, w).any() for p, w in zip(self.params, self.w1, strict=True)]
-        ).any()
+        params, w1 = self._operands()
+        return torch.stack([torch.ne(p, w).any() for p, w in zip(params, w1, strict=True)]).any()
 
     def _unswap(self) -> None:
         if self._swapped:
@@ -105,7 +147,8 @@ class GroupMover:
         self._unswap()
         if offset != 0.0:
             # write the final point into w1's buffers (the parameters' own storage), then exchange
-            torch._foreach_lerp_(self.w1, self.params, offset / self.offset)
+            params, w1 = self._operands()
+            torch._foreach_lerp_(w1, params, offset / self.offset)
         _exchange(self.params, self.w1)
         self.offset = offset
 
