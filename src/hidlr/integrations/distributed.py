@@ -129,6 +129,7 @@ class _FreshShards:
         self._cls = _fsdp_module_class()
         self._seen: dict[int, nn.Module] = {}
         self._done: set[int] = set()
+        self._below: dict[int, list[nn.Module]] = {}  # the FSDP modules under each entered one
         self._handle = (
             None
             if self._cls is None
@@ -138,8 +139,12 @@ class _FreshShards:
     def _hook(self, module: nn.Module, args: object) -> None:
         if id(module) in self._done or not isinstance(module, self._cls):  # type: ignore[arg-type]
             return
-        for m in module.modules():
-            if id(m) not in self._done and isinstance(m, self._cls):  # type: ignore[arg-type]
+        below = self._below.get(id(module))
+        if below is None:
+            below = [m for m in module.modules() if isinstance(m, self._cls)]  # type: ignore[arg-type]
+            self._below[id(module)] = below
+        for m in below:
+            if id(m) not in self._done:
                 m.reshard()  # type: ignore[operator]
                 self._done.add(id(m))
                 self._seen[id(m)] = m
