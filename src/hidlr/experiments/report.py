@@ -36,17 +36,23 @@ def _label(result: dict[str, Any]) -> str:
         return f"{fn}:{'constant (grid)' if method.startswith('constant') else method}"
     grid = run["config"].get("grid")
     return (
-        {"constant": "ULR (grid)", "dlr": "DLR (grid)"}.get(grid, run["method"])
+        {
+            "constant": "ULR (grid)",
+            "dlr": "DLR (grid)",
+            "ulr_full": "ULR full FT (grid)",
+            "ulr_lora": "ULR LoRA (grid)",
+        }.get(grid, run["method"])
         if grid
         else run["method"]
     )
 
 
 def summarize_experiment(
-    results: list[dict[str, Any]], metric: str, higher: bool
+    results: list[dict[str, Any]], metric: str, higher: bool, select: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """Per method label: mean and spread of the metric over seeds (grids: their best point,
-    chosen per seed by the metric itself, as a grid search would), runs and seconds."""
+    chosen per seed by ``select``, default the metric itself, as a grid search would), runs
+    and seconds."""
     better = max if higher else min
     by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in results:
@@ -56,7 +62,9 @@ def summarize_experiment(
         per_seed: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for r in rs:
             per_seed[r["run"]["seed"]].append(r)
-        bests = [better(group, key=lambda r: _value(r, metric)) for group in per_seed.values()]
+        bests = [
+            better(group, key=lambda r: _value(r, select or metric)) for group in per_seed.values()
+        ]
         values = [_value(b, metric) for b in bests]
         finite = [v for v in values if math.isfinite(v)]
         out[label] = {
@@ -107,6 +115,7 @@ def _verdict(name: str, summary: dict[str, dict[str, Any]], higher: bool) -> tup
     ref_names = {
         "peft_autofreeze": ("bitfit", "lora"),
         "fashion_mnist": ("constant", "linear", "cosine", "prodigy", "dadaptation", "gen"),
+        "text_minilm": ("ULR LoRA (grid)", "hi_ulr"),
     }.get(name, ("ULR (grid)", "DLR (grid)", "hi_ulr"))
     refs = [k for k in ref_names if k in summary]
     hi_names = (
@@ -165,6 +174,34 @@ def _figures(
         ax.set_ylim(max(0.0, low - 0.05), 1.0)
         ax.set_ylabel("test accuracy")
         ax.tick_params(axis="x", rotation=45)
+    elif name == "text_minilm":
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        labels = list(summary)
+        axes[0].bar(
+            labels, [summary[k]["mean"] for k in labels], yerr=[summary[k]["std"] for k in labels]
+        )
+        majority = summary[labels[0]]["example"]["train"]["majority_accuracy"]
+        axes[0].axhline(majority, color="k", ls=":", lw=1, label="majority class")
+        axes[0].set_ylim(majority - 0.05, 1.0)
+        axes[0].set_ylabel("test accuracy")
+        axes[0].tick_params(axis="x", rotation=30, labelsize=7)
+        axes[0].legend(fontsize=7)
+        for label, style in (("hi_dlr", "-"), ("hi_ulr", "--")):
+            runs = [r for r in results if r["run"]["method"] == label]
+            for r in runs:
+                t = r["train"]
+                for k, group in enumerate(t["groups"]):
+                    axes[1].semilogy(
+                        t["lr_steps"],
+                        [rates[k] for rates in t["lrs"]],
+                        style,
+                        color=f"C{k}" if label == "hi_dlr" else "C3",
+                        alpha=0.7,
+                        label=f"{label}: {group}" if r is runs[0] else None,
+                    )
+        axes[1].set_xlabel("step")
+        axes[1].set_ylabel("rate chosen (before the cosine factor)")
+        axes[1].legend(fontsize=7)
     elif name == "peft_autofreeze":
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         for label, s in summary.items():
@@ -232,6 +269,24 @@ def _peft_table(summary: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _text_table(summary: dict[str, dict[str, Any]]) -> list[str]:
+    ex = next(iter(summary.values()))["example"]["train"]
+    lines = [
+        "Grid points picked per seed on validation accuracy; test accuracy of that point. "
+        f"Majority class on the test set: {ex['majority_accuracy']:.4f}.",
+        "",
+        "| method | test accuracy | val accuracy (picked) | trainable params | step time (s) | runs | seconds, all runs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, s in summary.items():
+        t = s["example"]["train"]
+        lines.append(
+            f"| {label} | {s['mean']:.4f} ± {s['std']:.4f} | {t['val_accuracy']:.4f} | "
+            f"{t['trainable_params']:,} | {t['step_seconds']:.2f} | {s['runs']} | {s['seconds']:.0f} |"
+        )
+    return lines
+
+
 def claims_table(report: str) -> str:
     """The claims table of a built report (for printing)."""
     lines = report.splitlines()
@@ -261,7 +316,7 @@ def build_report(results_dir: str | Path, out: str | Path | None = None) -> Path
         rs = [r for r in results if r["run"]["experiment"] == name]
         if not rs:
             continue
-        summary = summarize_experiment(rs, exp.metric, exp.higher_is_better)
+        summary = summarize_experiment(rs, exp.metric, exp.higher_is_better, exp.select_by)
         measured, ok = _verdict(name, summary, exp.higher_is_better)
         claims.append(f"| {name} ({exp.figure}) | {exp.claim} | {measured} | {ok} |")
         body += [f"## {name} ({exp.figure})", "", exp.claim, ""]
@@ -275,6 +330,8 @@ def build_report(results_dir: str | Path, out: str | Path | None = None) -> Path
             ]
         if name == "peft_autofreeze":
             body += ["", *_peft_table(summary)]
+        if name == "text_minilm":
+            body += ["", *_text_table(summary)]
         for fig in _figures(name, rs, summary, folder):
             body += ["", f"![{name}]({fig.name})"]
         body.append("")
