@@ -69,18 +69,43 @@ def _owns_storage(t: torch.Tensor) -> bool:
     )
 
 
+def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``params``: views into one buffer per device and dtype (a single allocation
+    is several times faster than one per tensor on the CPU), or clones for ``DTensor``s."""
+    dtensor = _dtensor_class()
+    copies: list[torch.Tensor | None] = [None] * len(params)
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        if dtensor is not None and isinstance(p, dtensor):
+            copies[i] = p.detach().clone()
+        else:
+            by_kind.setdefault((p.device, p.dtype), []).append(i)
+    for (device, dtype), index in by_kind.items():
+        buffer = torch.empty(sum(params[i].numel() for i in index), dtype=dtype, device=device)
+        views, start = [], 0
+        for i in index:
+            n = params[i].numel()
+            views.append(buffer[start : start + n].view(params[i].shape))
+            copies[i] = views[-1]
+            start += n
+        torch._foreach_copy_(views, [params[i].detach() for i in index])
+    return copies  # type: ignore[return-value]
+
+
 def _exchange(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
     """Exchange the contents of ``params[i]`` and ``buffers[i]`` exactly, in place.
 
-    Pointer swap when both own their storage (``buffers`` is updated to hold the parameter's
-    old storage), bitwise XOR swap otherwise (views, shared storage, and the local shards of
-    ``DTensor`` parameters, whose storage must stay where their container put it).
+    Pointer swap when one of the two owns its storage alone (``buffers`` is updated to hold
+    the parameter's old storage): a parameter that does is lent a view of the snapshot and
+    gets its own storage back at the next exchange. Bitwise XOR swap otherwise (a parameter
+    that is a view of shared storage, and the local shards of ``DTensor`` parameters, whose
+    storage must stay where their container put it).
     """
     dtensor = _dtensor_class()
     for i, (p, b) in enumerate(zip(params, buffers, strict=True)):
         if dtensor is not None and isinstance(p, dtensor):
             _xor_swap(_local(p, dtensor), _local(b, dtensor))
-        elif _owns_storage(p) and _owns_storage(b):
+        elif _owns_storage(p) or _owns_storage(b):
             old = p.data
             p.data = b
             buffers[i] = old
@@ -126,11 +151,16 @@ class GroupMover:
         self.offset = offset
 
     def moved(self) -> torch.Tensor:
-        """Whether the base step changed any parameter of the group (a bool scalar tensor,
-        on the parameters' device: no host sync)."""
+        """Whether the base step changed any parameter of the group (a bool scalar tensor).
+        On the CPU ``torch.equal`` stops at the first difference (a step usually changes the
+        first element); elsewhere one reduction per tensor stays on the device (no host sync
+        per parameter)."""
         if not self.params:
             return torch.zeros((), dtype=torch.bool)
         params, w1 = self._operands()
+        if all(p.device.type == "cpu" for p in params):
+            same = all(torch.equal(p, w) for p, w in zip(params, w1, strict=True))
+            return torch.tensor(not same)
         return torch.stack([torch.ne(p, w).any() for p, w in zip(params, w1, strict=True)]).any()
 
     def _unswap(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from hidlr._probing import GroupMover, _exchange, probe_context
+from hidlr._probing import GroupMover, _exchange, probe_context, snapshot
 from hidlr._validation import check_bool, check_choice, check_float, check_int
 from hidlr.fit import (
     SPIKE_CUT,
@@ -380,18 +380,18 @@ class HiDLR(Optimizer):
         groups = self.param_groups
         params = [[p for p in g["params"] if p.grad is not None] for g in groups]
         flat = [p for ps in params for p in ps]
-        snapshot = [p.detach().clone() for p in flat]
+        copies = snapshot(flat)
         try:
             self._base_step()
         except BaseException:
             if flat:
-                torch._foreach_copy_(flat, snapshot)
+                torch._foreach_copy_(flat, copies)
             raise
         self._steps += 1
-        _exchange(flat, snapshot)  # params hold w0, the snapshot holds w1 exactly
+        _exchange(flat, copies)  # params hold w0, the copies hold w1 exactly
         movers, start = [], 0
         for ps in params:
-            movers.append(GroupMover(ps, snapshot[start : start + len(ps)]))
+            movers.append(GroupMover(ps, copies[start : start + len(ps)]))
             start += len(ps)
         try:
             self._probe_and_update(closure, movers)
