@@ -172,6 +172,11 @@ def _scenario_train(rank: int, out: str) -> dict:
             "history": [r.as_dict() for r in opt.history],
         }
     result["resumed"] = _resume(rows, os.path.join(out, "checkpoint"))
+    try:  # plain HiDLR would probe sharded parameters without reducing: refused
+        _optimizer(_sharded(), "paper", cls=hidlr.HiDLR)
+        result["plain_refused"] = ""
+    except TypeError as exc:
+        result["plain_refused"] = str(exc)
     return result
 
 
@@ -302,6 +307,11 @@ def test_ranks_agree_and_train(trained, policy):
     assert a["accepted"] >= 2, "no fit accepted: the probes did not change the loss"
     initial = [p.detach() for p in _model().parameters()]
     assert _held_out_loss(a["full"]) < LOSS_BELOW < _held_out_loss(initial)
+
+
+def test_plain_hidlr_refuses_sharded_parameters(trained):
+    message = trained[0]["plain_refused"]
+    assert "DTensor" in message and "DistributedHiDLR" in message
 
 
 def test_last_layer_has_an_empty_shard_on_rank_1(trained):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from hidlr._probing import GroupMover, _exchange, probe_context, snapshot
+from hidlr._probing import GroupMover, _dtensor_class, _exchange, probe_context, snapshot
 from hidlr._validation import check_bool, check_choice, check_float, check_int
 from hidlr.fit import (
     SPIKE_CUT,
@@ -128,6 +128,8 @@ class HiDLR(Optimizer):
     and random state are left exactly as after a plain step of the base optimizer, no rate
     changes, and the exception propagates.
     """
+
+    _sharded_parameters = False  # DTensor shards need a subclass that reduces across ranks
 
     def __init__(
         self,
@@ -332,6 +334,17 @@ class HiDLR(Optimizer):
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(
                 f"param_groups[{index}]['lr'] must be a finite float > 0 for Hi-DLR to probe, got {lr!r}"
+            )
+        dtensor = _dtensor_class()
+        if (
+            dtensor is not None
+            and not self._sharded_parameters
+            and any(isinstance(p, dtensor) for p in group["params"])
+        ):
+            raise TypeError(
+                f"param_groups[{index}] holds sharded DTensor parameters (FSDP2 fully_shard): "
+                "use hidlr.integrations.distributed.DistributedHiDLR, which probes them "
+                "shard-wise and reduces the probe losses across ranks"
             )
         ref = group.get("initial_lr", lr)
         group.setdefault("hidlr_ref_lr", float(ref))

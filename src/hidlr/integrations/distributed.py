@@ -192,6 +192,8 @@ class DistributedHiDLR(HiDLR):
     and probe losses; three with the robust policy's combined-step probe).
     """
 
+    _sharded_parameters = True
+
     def __init__(
         self,
         optimizer: Optimizer,
