@@ -13,10 +13,7 @@ from hidlr import HiDLR
 from hidlr.experiments.overhead import (
     MODELS,
     Workload,
-    _memory,
-    allocation_peak,
     expected_speed_vs_limit,
-    format_overhead,
     forwards_per_probe_step,
     implementation_limit,
     make_base,
@@ -26,6 +23,8 @@ from hidlr.experiments.overhead import (
     snapshot_bytes,
     split_groups,
 )
+from hidlr.experiments.overhead_breakdown import _memory, allocation_peak
+from hidlr.experiments.overhead_report import format_overhead
 from hidlr.experiments.probe_options import VARIANTS, ProbeVariant
 
 
@@ -211,7 +210,7 @@ def test_run_overhead_end_to_end(tmp_path):
 
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    from hidlr.experiments.overhead import plot_overhead
+    from hidlr.experiments.overhead_report import plot_overhead
 
     row = {
         "model": "mlp",

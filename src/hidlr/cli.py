@@ -106,7 +106,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench_overhead(args: argparse.Namespace) -> int:
-    from hidlr.experiments.overhead import format_overhead, run_overhead
+    from hidlr.experiments.overhead import run_overhead
+    from hidlr.experiments.overhead_report import format_overhead
 
     result = run_overhead(
         args.out,
