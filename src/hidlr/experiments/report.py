@@ -176,7 +176,7 @@ def _figures(
         ax.tick_params(axis="x", rotation=45)
     elif name == "text_minilm":
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        labels = list(summary)
+        labels = _text_order(summary)
         axes[0].bar(
             labels, [summary[k]["mean"] for k in labels], yerr=[summary[k]["std"] for k in labels]
         )
@@ -269,8 +269,22 @@ def _peft_table(summary: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _text_table(summary: dict[str, dict[str, Any]]) -> list[str]:
+TEXT_ORDER = ("ULR full FT (grid)", "ULR LoRA (grid)", "hi_ulr", "hi_dlr", "loraplus", "sage")
+
+
+def _text_order(summary: dict[str, dict[str, Any]]) -> list[str]:
+    return [k for k in TEXT_ORDER if k in summary] + [k for k in summary if k not in TEXT_ORDER]
+
+
+def _text_table(summary: dict[str, dict[str, Any]], results: list[dict[str, Any]]) -> list[str]:
     ex = next(iter(summary.values()))["example"]["train"]
+    ratios = [
+        math.log(rates[1] / rates[0])
+        for r in results
+        if r["run"]["method"] == "hi_dlr"
+        for rates in r["train"].get("lrs", [])
+        if rates[0] > 0 and rates[1] > 0
+    ]
     lines = [
         "Grid points picked per seed on validation accuracy; test accuracy of that point. "
         f"Majority class on the test set: {ex['majority_accuracy']:.4f}.",
@@ -278,12 +292,20 @@ def _text_table(summary: dict[str, dict[str, Any]]) -> list[str]:
         "| method | test accuracy | val accuracy (picked) | trainable params | step time (s) | runs | seconds, all runs |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, s in summary.items():
+    for label in _text_order(summary):
+        s = summary[label]
         t = s["example"]["train"]
         lines.append(
             f"| {label} | {s['mean']:.4f} ± {s['std']:.4f} | {t['val_accuracy']:.4f} | "
             f"{t['trainable_params']:,} | {t['step_seconds']:.2f} | {s['runs']} | {s['seconds']:.0f} |"
         )
+    if ratios:  # LoRA+ fixes eta_B / eta_A = 16
+        lines += [
+            "",
+            f"Hi-DLR's eta_B / eta_A, geometric mean over its probe steps and seeds: "
+            f"{math.exp(statistics.fmean(ratios)):.3g} (range {math.exp(min(ratios)):.3g} .. "
+            f"{math.exp(max(ratios)):.3g}).",
+        ]
     return lines
 
 
@@ -331,7 +353,7 @@ def build_report(results_dir: str | Path, out: str | Path | None = None) -> Path
         if name == "peft_autofreeze":
             body += ["", *_peft_table(summary)]
         if name == "text_minilm":
-            body += ["", *_text_table(summary)]
+            body += ["", *_text_table(summary, rs)]
         for fig in _figures(name, rs, summary, folder):
             body += ["", f"![{name}]({fig.name})"]
         body.append("")
