@@ -287,9 +287,10 @@ def _text_table(summary: dict[str, dict[str, Any]], results: list[dict[str, Any]
     ]
     lines = [
         "Grid points picked per seed on validation accuracy; test accuracy of that point. "
-        f"Majority class on the test set: {ex['majority_accuracy']:.4f}.",
+        f"Majority class on the test set: {ex['majority_accuracy']:.4f}. Times are wall "
+        "clock on two CPU cores shared with other jobs (2-3 runs at once): rough.",
         "",
-        "| method | test accuracy | val accuracy (picked) | trainable params | step time (s) | runs | seconds, all runs |",
+        "| method | test accuracy | val accuracy (seed 0) | trainable params | step time, seed 0 (s) | runs | seconds, all runs |",
         "|---|---|---|---|---|---|---|",
     ]
     for label in _text_order(summary):

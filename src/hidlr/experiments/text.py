@@ -177,7 +177,7 @@ def _build(method: str, model: nn.Module, cfg: dict[str, Any], steps: int) -> tu
     if method == "loraplus":
         return build(
             "loraplus", model, lr=cfg["lr"] / 4, loraplus_lr_ratio=16.0, schedule="cosine", **common
-        ), ["lora_A", "lora_B+head"]
+        ), ["lora_A+head.weight", "lora_B+head.bias"]
     if method == "sage":
         return build("sage", [{"params": trainable}], lr=cfg["lr"], schedule="cosine", **common), [
             "all"
