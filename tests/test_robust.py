@@ -39,14 +39,20 @@ def test_log_average_is_bias_corrected():
 @pytest.mark.parametrize(
     ("decision", "b", "a", "resolved", "expected", "action"),
     [
-        (accepted(0.1), 1.0, 10.0, True, 0.1, "update"),  # decreases at once
-        (accepted(100.0), 1.0, 0.01, True, 2.0, "update"),  # increases capped at growth
+        # accepted: log-average toward the proposal, both ways alike: rate * (p / rate)^0.1
+        # (n_updates = 0 here: while warming up an overshoot is cut at once and a longer
+        # proposal taken up to WARMUP_GROWTH; see the tests below for later updates)
+        (accepted(0.1), 1.0, 10.0, True, 0.1, "update"),  # overshoot while warming up
+        (accepted(100.0), 1.0, 0.01, True, 1.5, "update"),  # warming up: at most x1.5
+        (accepted(1.2), 1.0, 1 / 1.2, True, 1.2, "update"),  # warming up: taken at once
+        (accepted(0.6), 1.0, 1 / 0.6, True, 0.6**0.1, "update"),  # shorter, not at once
         (rejected("poor_fit"), 1.0, 4.0, True, 0.5, "shrink"),  # sqrt(1 * 0.25)
         (rejected("poor_fit"), 1.0, 0.5, True, 1.0, "keep"),  # a doubtful increase is not taken
         (rejected("not_convex"), 1.0, -1e-3, True, 2.0, "grow"),  # linear over the probes
         (rejected("not_convex"), 1.0, -5.0, True, 1.0, "keep"),  # concave: no evidence either way
         (rejected("flat"), float("nan"), float("nan"), False, 2.0, "grow"),  # unresolved: too small
-        (rejected("not_descent"), -1.0, 3.0, True, 0.5, "shrink"),
+        (rejected("not_descent"), -1.0, 3.0, True, 0.5**0.1, "shrink"),  # a proposal of 0.5
+        (rejected("not_descent"), -1.0, -3.0, True, 1.0, "keep"),  # concave: no evidence
         (rejected("nonfinite_probe"), float("nan"), float("nan"), True, 0.5, "shrink"),
     ],
 )
@@ -55,6 +61,61 @@ def test_robust_rate_rules(decision, b, a, resolved, expected, action):
     assert out.rate == pytest.approx(expected)
     assert out.action == action
     assert out.n_updates == (4 if decision.accepted else 3)
+
+
+def test_robust_rate_is_not_bias_corrected():
+    # after the warm-up, updates move as cautiously as ever (a loss plateau's huge proposals
+    # must not be followed at once), so the count of earlier updates does not matter
+    from hidlr.fit import WARMUP_UPDATES
+
+    kw = {"smoothing": 0.9, "probe_reach": 2.0}
+    first = robust_rate(1.0, WARMUP_UPDATES, accepted(1.5), 1.0, 1.0, **kw)
+    later = robust_rate(1.0, 50, accepted(1.5), 1.0, 1.0, **kw)
+    assert first.rate == later.rate == pytest.approx(1.5**0.1, rel=1e-12)
+    assert (first.n_updates, later.n_updates) == (WARMUP_UPDATES + 1, 51)
+    huge = robust_rate(1.0, 50, accepted(1e6), 1.0, 1e-6, **kw)
+    assert huge.rate == 2.0  # capped at growth
+
+
+def test_warm_up_takes_longer_proposals_at_once_up_to_a_bound():
+    from hidlr.fit import WARMUP_GROWTH, WARMUP_UPDATES
+
+    kw = {"smoothing": 0.9, "probe_reach": 2.0}
+    rate, n = 1.0, 0
+    for _ in range(WARMUP_UPDATES):  # a rate 100x too small climbs by WARMUP_GROWTH per update
+        out = robust_rate(rate, n, accepted(100.0), 1.0, 0.01, **kw)
+        assert out.rate == pytest.approx(rate * WARMUP_GROWTH)
+        rate, n = out.rate, out.n_updates
+    out = robust_rate(rate, n, accepted(100.0), 1.0, 0.01, **kw)
+    assert out.rate == pytest.approx(rate * (100.0 / rate) ** 0.1)  # then the slow average
+
+
+def test_an_overshooting_initial_rate_is_cut_at_once_only_while_warming_up():
+    from hidlr.fit import WARMUP_UPDATES
+
+    early = robust_rate(1.0, 0, accepted(0.1), 1.0, 10.0, smoothing=0.9, probe_reach=2.0)
+    assert early.rate == 0.1
+    late = robust_rate(
+        1.0, WARMUP_UPDATES, accepted(0.1), 1.0, 10.0, smoothing=0.9, probe_reach=2.0
+    )
+    assert late.rate == pytest.approx(0.1**0.1)
+    capped = robust_rate(
+        1.0, WARMUP_UPDATES, accepted(1e-6), 1.0, 1e6, smoothing=0.9, probe_reach=2.0
+    )
+    assert capped.rate == 0.5  # after warm-up a shorter proposal moves at most 1 / growth
+    mild = robust_rate(1.0, 0, accepted(0.6), 1.0, 1 / 0.6, smoothing=0.9, probe_reach=2.0)
+    assert mild.rate == pytest.approx(0.6**0.1)  # not an overshoot: averaged
+
+
+def test_noisy_proposals_settle_at_their_geometric_mean():
+    # proposals alternating 4x above and below: the lower envelope would sink to 0.25
+    rate, n = 1.0, 0
+    for i in range(400):
+        out = robust_rate(
+            rate, n, accepted(4.0 if i % 2 else 0.25), 1.0, 1.0, smoothing=0.9, probe_reach=2.0
+        )
+        rate, n = out.rate, out.n_updates
+    assert math.log(rate) == pytest.approx(0.0, abs=0.2)  # within a factor e^0.2 of 1
 
 
 def fit_of(b, a, intercept=1.0):
@@ -175,7 +236,48 @@ def test_robust_checkpoint_resumes_bit_identically(tmp_path):
 def test_spike_detection():
     from hidlr.fit import spike
 
-    assert not spike(5.0, [1.0, 1.2])  # too little history to judge
-    assert spike(5.0, [1.0, 1.2, 1.1])
+    assert not spike(5.0, [])  # nothing to judge by
+    assert not spike(3.9, [1.2, 1.0])  # too little history for the floor rule
+    assert spike(4.1, [1.0])  # x4 since the last probe step
+    assert spike(5.0, [1.0, 1.2, 1.1])  # x4 above the floor
     assert not spike(3.9, [1.0, 1.2, 1.1])
-    assert spike(float("nan"), [1.0, 1.2, 1.1])
+    assert spike(4.5, [1.0, 1.2, 1.3])  # above the floor, not above the last x4
+    assert spike(float("nan"), [1.0])
+
+
+def test_a_loss_that_stays_up_is_cut_once_not_at_every_probe_step():
+    w = nn.Parameter(torch.tensor([0.0, 0.0], dtype=F64))
+    c = torch.tensor([1.0, 10.0], dtype=F64)  # ill-conditioned: no step lands on the minimum
+    offset = [1.0]
+    loss = lambda: (c * (w - 3.0) ** 2).sum() + offset[0]  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.01), update_every=1)
+    for step in range(12):
+        if step == 6:
+            offset[0] = 1000.0  # the loss jumps and stays up (the curvature does not change)
+        opt.zero_grad()
+        loss().backward()
+        opt.step(loss)
+    actions = [rec.groups[0].action for rec in opt.history]
+    assert actions[6] == "spike"
+    assert "spike" not in actions[:6] + actions[7:]  # the floor starts again after the cut
+
+
+def test_a_loss_that_keeps_multiplying_after_a_cut_is_cut_again():
+    # the curvature jumps 100x: after the first cut the step is still unstable and the loss
+    # grows 10x per probe step; waiting for three steps of fresh history would let it explode
+    w = nn.Parameter(torch.tensor([0.0, 0.0], dtype=F64))
+    c = torch.tensor([1.0, 10.0], dtype=F64)
+    scale = [1.0]
+    loss = lambda: scale[0] * ((c * (w - 3.0) ** 2).sum() + 1.0)  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1), update_every=1)
+    for step in range(12):
+        if step == 6:
+            scale[0] = 100.0
+        opt.zero_grad()
+        loss().backward()
+        opt.step(loss)
+    actions = [rec.groups[0].action for rec in opt.history]
+    losses = [rec.loss for rec in opt.history]
+    assert actions[6:8] == ["spike", "spike"] and "spike" not in actions[8:]
+    assert max(losses) == losses[7] < 1e4  # caught after one 10x growth
+    assert losses[-1] < 0.5 * losses[8]  # and training goes on downhill

@@ -98,13 +98,18 @@ class HiDLR(Optimizer):
             :math:`A \eta = b`; all groups of the fit are updated together or not at all.
         max_rate_change: if set, a single update changes a rate at most by this factor.
         policy: ``"robust"`` (default) or ``"paper"``. ``"paper"`` is Algorithm 1 as written:
-            the smoothed update above, only on accepted fits. ``"robust"`` takes shorter
-            proposals at once and longer ones slowly (at most x2 per update, log-space
-            average), grows a rate whose probes cannot resolve curvature, shrinks it when the
-            probes ascend or blow up or the loss spikes, and with two or more groups measures
-            the combined step with one more forward pass (the coupling the diagonal model
-            misses). Use ``"paper"`` to reproduce the paper; ``"robust"`` never diverged on
-            the robustness benchmark (see the README).
+            the smoothed update above, only on accepted fits. ``"robust"`` moves the rate
+            toward every proposal alike, shorter or longer, by a log-space average (weight
+            ``1 - smoothing``, at most x2 either way per update; see
+            :func:`hidlr.fit.robust_rate`): taking shorter proposals at once annealed the
+            rates far below the best constant rate. During the first four accepted fits it
+            cuts an overshooting rate at once and climbs by up to x1.5 per update. It grows
+            a rate whose probes cannot resolve curvature, counts probes that ascend as a
+            proposal of half the rate, halves it when they blow up, cuts it 10x when the loss
+            spikes (4x its recent floor, or 4x the last probe step's), and with two or more
+            groups measures the combined step with one more forward pass (the coupling the
+            diagonal model misses). Use ``"paper"`` to reproduce the paper; ``"robust"``
+            never diverged on the robustness benchmark (see the README).
         freeze_threshold: freeze groups whose share of the total influence (smoothed
             ``b^2 / 2A``, :attr:`influence_share`) is below this, after ``freeze_warmup``
             probe steps. ``None`` (default) never freezes.
@@ -463,9 +468,13 @@ class HiDLR(Optimizer):
             recent = self._recent_losses
             if opts["policy"] == "robust" and spike(fit.intercept, recent):
                 # the loss jumped far above its recent floor: the rates (and whatever momentum
-                # they built up) are too large for where training is now; cut them hard
+                # they built up) are too large for where training is now; cut them hard, once:
+                # the floor starts again from here, so a loss that stays up (or a noisy one near
+                # zero) does not cut again at every probe step until the rates are too small
+                # for a float32 step to move the weights
                 for k in active:
                     diag[k], actions[k] = diag[k] * SPIKE_CUT, "spike"
+                recent = []
             recent = (
                 (recent + [fit.intercept])[-SPIKE_WINDOW:]
                 if math.isfinite(fit.intercept)
