@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -13,11 +12,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import hidlr
 from hidlr.integrations.distributed import DistributedHiDLR, ProbeSyncError, rates_agree
+from launch import spawn
 
 pytestmark = [
     pytest.mark.distributed,
@@ -28,12 +27,6 @@ F64 = torch.float64
 WORLD = 2
 STEPS = 12
 SHARD = 16  # examples per rank; the single-process reference uses WORLD * SHARD
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,27 +160,7 @@ def _scenario_fail(rank: int, *, exit_on_failure: bool) -> dict:
 
 
 def _spawn(scenario: str, tmp_path, limit: float = 60.0) -> list[dict]:
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(r, port, str(tmp_path), scenario), daemon=True)
-        for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + limit
-    for p in procs:
-        p.join(max(deadline - time.monotonic(), 0.1))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join(5)
-    assert not alive, f"{scenario}: ranks still running after {limit} s"
-    results = []
-    for r in range(WORLD):
-        path = tmp_path / f"rank{r}.pt"
-        results.append(torch.load(path, weights_only=False) if path.exists() else {})
-    return results
+    return spawn(_worker, scenario, tmp_path, WORLD, limit)
 
 
 # -- the tests -------------------------------------------------------------------------------

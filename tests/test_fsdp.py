@@ -9,7 +9,6 @@ that fails while probing makes the other fail with a clear error instead of hang
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -17,11 +16,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import hidlr
 from hidlr.integrations.distributed import DistributedHiDLR, ProbeSyncError, rates_agree
+from launch import spawn
 
 try:
     from torch.distributed.fsdp import fully_shard
@@ -45,12 +44,6 @@ OPTIONS = {
     "paper": {"policy": "paper", "update_every": 2, "smoothing": 0.5, "min_r2": 0.5},
     "robust": {"policy": "robust", "update_every": 2},
 }
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,27 +254,7 @@ def _scenario_hang(rank: int) -> dict:
 
 
 def _spawn(scenario: str, tmp_path, limit: float = 90.0) -> list[dict]:
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(r, port, str(tmp_path), scenario), daemon=True)
-        for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + limit
-    for p in procs:
-        p.join(max(deadline - time.monotonic(), 0.1))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join(5)
-    assert not alive, f"{scenario}: ranks still running after {limit} s"
-    results = []
-    for r in range(WORLD):
-        path = tmp_path / f"rank{r}.pt"
-        results.append(torch.load(path, weights_only=False) if path.exists() else {})
-    return results
+    return spawn(_worker, scenario, tmp_path, WORLD, limit)
 
 
 # -- the tests -------------------------------------------------------------------------------

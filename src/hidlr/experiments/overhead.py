@@ -325,6 +325,19 @@ def _run_arm(w: Workload, arm: _Arm) -> float:
     return statistics.fmean(times)
 
 
+def _run_sequence(w: Workload, seq: Sequence[_Arm], base_arm: _Arm) -> None:
+    """Run the arms in order; each HiDLR sample is paired with the mean of the base samples
+    just before and after it (``seq`` starts and ends with ``base_arm``)."""
+    timeline = [(arm, _run_arm(w, arm)) for arm in seq]
+    for pos, (arm, t) in enumerate(timeline):
+        arm.samples.append(t)
+        if arm.kind != "hidlr":
+            continue
+        before = next(s for a, s in reversed(timeline[:pos]) if a is base_arm)
+        after = next(s for a, s in timeline[pos + 1 :] if a is base_arm)
+        arm.ratios.append(0.5 * (before + after) / t)
+
+
 def _warm(w: Workload, opt: Optimizer) -> None:
     """Allocate the base optimizer's state without advancing HiDLR's step count."""
     w.reset()
@@ -385,14 +398,7 @@ def _time_config(
             seq.append(arm)
             if i % 2 == 1 or i == len(order) - 1:
                 seq += [base_arm, fwd_arm]
-        timeline: list[tuple[_Arm, float]] = [(arm, _run_arm(w, arm)) for arm in seq]
-        for pos, (arm, t) in enumerate(timeline):
-            arm.samples.append(t)
-            if arm.kind != "hidlr":
-                continue
-            before = next(s for a, s in reversed(timeline[:pos]) if a is base_arm)
-            after = next(s for a, s in timeline[pos + 1 :] if a is base_arm)
-            arm.ratios.append(0.5 * (before + after) / t)
+        _run_sequence(w, seq, base_arm)
     base_t, fwd_t = _median(base_arm.samples), _median(fwd_arm.samples)
     records = []
     for arm in arms:

@@ -32,7 +32,7 @@ from torch import nn
 from hidlr.experiments.overhead import (
     _Arm,
     _median,
-    _run_arm,
+    _run_sequence,
     _settle,
     _warm,
     make_base,
@@ -125,14 +125,7 @@ def time_variants(
             seq.append(arm)
             if i % 2 == 1 or i == len(order) - 1:
                 seq.append(base_arm)
-        timeline = [(arm, _run_arm(w, arm)) for arm in seq]
-        for pos, (arm, t) in enumerate(timeline):
-            arm.samples.append(t)
-            if arm.kind != "hidlr":
-                continue
-            before = next(s for a, s in reversed(timeline[:pos]) if a is base_arm)
-            after = next(s for a, s in timeline[pos + 1 :] if a is base_arm)
-            arm.ratios.append(0.5 * (before + after) / t)
+        _run_sequence(w, seq, base_arm)
     base_t = _median(base_arm.samples)
     records = []
     for v, arm in zip(variants, arms, strict=True):
