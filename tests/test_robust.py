@@ -60,7 +60,8 @@ def test_robust_rate_rules(decision, b, a, resolved, expected, action):
     out = robust_rate(1.0, 3, decision, b, a, smoothing=0.9, probe_reach=2.0, resolved=resolved)
     assert out.rate == pytest.approx(expected)
     assert out.action == action
-    assert out.n_updates == (4 if decision.accepted else 3)
+    # accepted fits count; a rate grown without a fit starts the warm-up again
+    assert out.n_updates == (4 if decision.accepted else 0 if action == "grow" else 3)
 
 
 def test_robust_rate_is_not_bias_corrected():
@@ -75,6 +76,20 @@ def test_robust_rate_is_not_bias_corrected():
     assert (first.n_updates, later.n_updates) == (WARMUP_UPDATES + 1, 51)
     huge = robust_rate(1.0, 50, accepted(1e6), 1.0, 1e-6, **kw)
     assert huge.rate == 2.0  # capped at growth
+
+
+def test_a_rate_grown_blindly_is_cut_at_once_by_the_next_fit():
+    # a plateau (no curvature: the rate doubles) ending in a cliff: the first fit that sees
+    # curvature after the growth is taken at once, not averaged from a rate with no evidence
+    from hidlr.fit import WARMUP_UPDATES
+
+    kw = {"smoothing": 0.9, "probe_reach": 2.0}
+    grown = robust_rate(8.0, 50, rejected("not_convex"), 1.0, -1e-4, **kw)
+    assert (grown.rate, grown.n_updates, grown.action) == (16.0, 0, "grow")
+    cut = robust_rate(grown.rate, grown.n_updates, accepted(0.5), 1.0, 2.0, **kw)
+    assert cut.rate == 0.5
+    settled = robust_rate(16.0, WARMUP_UPDATES, accepted(0.5), 1.0, 2.0, **kw)
+    assert settled.rate == pytest.approx(16.0 * (0.5 / 16.0) ** 0.1)  # 11.3: the slow average
 
 
 def test_warm_up_takes_longer_proposals_at_once_up_to_a_bound():

@@ -280,7 +280,8 @@ def robust_rate(
       keeps ascending, or blows up, or spikes;
     - probes that blow up (a non-finite loss) shrink the rate by ``shrink`` at once.
 
-    ``n_updates`` counts the accepted fits (reported; the update itself no longer uses it).
+    ``n_updates`` counts the accepted fits since the start or since the rate last had to grow
+    without a fit (which starts the warm-up again).
     """
     if decision.accepted:
         if n_updates < WARMUP_UPDATES and decision.proposed < 0.5 * rate:
@@ -296,7 +297,9 @@ def robust_rate(
     if not resolved or (
         decision.reason == "not_convex" and b > 0 and abs(a) * probe_reach <= 0.1 * b
     ):
-        return RobustStep(rate * growth, n_updates, "grow")
+        # grown without evidence: the warm-up starts again, so the first fits that see
+        # curvature can bring the rate back at once (a plateau that ends in a cliff)
+        return RobustStep(rate * growth, 0, "grow")
     if decision.reason == "not_descent" and a > 0:
         return RobustStep(rate * shrink ** (1.0 - smoothing), n_updates, "shrink")
     if decision.reason == "nonfinite_probe":

@@ -102,8 +102,9 @@ class HiDLR(Optimizer):
             toward every proposal alike, shorter or longer, by a log-space average (weight
             ``1 - smoothing``, at most x2 either way per update; see
             :func:`hidlr.fit.robust_rate`): taking shorter proposals at once annealed the
-            rates far below the best constant rate. During the first four accepted fits it
-            cuts an overshooting rate at once and climbs by up to x1.5 per update. It grows
+            rates far below the best constant rate. During the first four accepted fits (and
+            again after a rate had to grow without a fit) it cuts an overshooting rate at once
+            and climbs by up to x1.5 per update. It grows
             a rate whose probes cannot resolve curvature, counts probes that ascend as a
             proposal of half the rate, halves it when they blow up, cuts it 10x when the loss
             spikes (4x its recent floor, or 4x the last probe step's), and with two or more
