@@ -34,6 +34,8 @@ METHODS = (
     "hidlr_head",
     "hidlr_bias",
     "hidlr_norm",
+    "gen_paper",  # Algorithm 1 as written (policy="paper") beside the default policy
+    "hidlr_head_paper",
 )
 
 
@@ -108,7 +110,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     _train(model, pre, x, y, cfg["pretrain_steps"], spec.seed)
     source = _accuracy(model, *_subset(data, range(0, 5), 2000, 0, "test"))
     model.head = nn.Linear(model.head.in_features, 5)  # a fresh head for the new classes
-    method = spec.method
+    method = spec.method.removesuffix("_paper")
     if method.startswith("hidlr_"):
         role = method.split("_")[1]
         groups = by_role(model, roles=(role,), head="head" if role == "head" else None)
@@ -122,6 +124,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
         "base": "adamw",
         "weight_decay": 0.01,
     }
+    if spec.method.endswith("_paper"):
+        config["hidlr_options"] = {"policy": "paper"}
     if name in ("linear", "cosine"):
         config["warmup_steps"] = max(1, cfg["steps"] // 33)  # the paper's 3% warm-up
     with contextlib.redirect_stdout(io.StringIO()):  # dadaptation prints on construction

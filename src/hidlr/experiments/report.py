@@ -114,7 +114,15 @@ def _verdict(name: str, summary: dict[str, dict[str, Any]], higher: bool) -> tup
         return "; ".join(parts), "yes" if ok else "no"
     ref_names = {
         "peft_autofreeze": ("bitfit", "lora"),
-        "fashion_mnist": ("constant", "linear", "cosine", "prodigy", "dadaptation", "gen"),
+        "fashion_mnist": (
+            "constant",
+            "linear",
+            "cosine",
+            "prodigy",
+            "dadaptation",
+            "gen",
+            "gen_paper",
+        ),
         "text_minilm": ("ULR LoRA (grid)", "hi_ulr"),
     }.get(name, ("ULR (grid)", "DLR (grid)", "hi_ulr"))
     refs = [k for k in ref_names if k in summary]
@@ -124,6 +132,7 @@ def _verdict(name: str, summary: dict[str, dict[str, Any]], higher: bool) -> tup
         "hidlr_freeze",
         "hidlr_budget2",
         "hidlr_head",
+        "hidlr_head_paper",
         "hidlr_bias",
         "hidlr_norm",
     )
