@@ -16,7 +16,7 @@ the optimizer. One function checks the result of every helper, so they all promi
   ``model.named_parameters()`` order. A parameter shared by several modules (tied weights)
   counts once, under its first name.
 
-Which grouping when (each group costs ``len(probe_multipliers)`` forward passes per probe
+Which grouping when (each group costs one forward pass per non-zero probe multiplier per probe
 step, so prefer a few groups that really differ):
 
 * :func:`by_role` ``(model, "head")``: fine-tuning a pretrained network, where the new head

@@ -82,7 +82,8 @@ class HiDLR(Optimizer):
         optimizer: the base optimizer; each of its param groups is one Hi-DLR group. Its
             ``lr`` values are the initial rates: a reasonable order of magnitude suffices.
         update_every: probe every this many steps (Phi in the paper). Probe steps cost
-            ``len(probe_multipliers) * K`` extra forward passes; 4-10 is typical.
+            one extra forward pass per non-zero probe multiplier and group (4K by default);
+            4-10 is typical.
         smoothing: weight of the old rate in the update. Larger is steadier; 0 jumps straight
             to the fitted rate (Newton-like, for deterministic problems).
         probe_multipliers: where to probe, in units of the current rate. Must straddle 0 for
