@@ -105,13 +105,14 @@ class HiDLR(Optimizer):
             :func:`hidlr.fit.robust_rate`): taking shorter proposals at once annealed the
             rates far below the best constant rate. During the first four accepted fits (and
             again after a rate had to grow without a fit) it cuts an overshooting rate at once
-            and climbs by up to x1.5 per update. It grows
-            a rate whose probes cannot resolve curvature, counts probes that ascend as a
-            proposal of half the rate, halves it when they blow up, cuts it 10x when the loss
-            spikes (4x its recent floor, or 4x the last probe step's), and with two or more
-            groups measures the combined step with one more forward pass (the coupling the
-            diagonal model misses). Use ``"paper"`` to reproduce the paper; ``"robust"``
-            never diverged on the robustness benchmark (see the README).
+            and climbs by up to x1.5 per update. It grows a rate whose probes cannot resolve
+            curvature, counts probes that ascend as a proposal of half the rate, halves it
+            when they blow up, cuts it 10x when the loss spikes (4x its recent floor, or 4x
+            the last probe step's), and with two or more groups measures the combined step
+            with one more forward pass (the coupling the diagonal model misses). Use
+            ``"paper"`` to reproduce the paper; ``"robust"`` never diverged on the robustness
+            benchmark (see the README). For short runs, start within about 10x of the right
+            rate: the climb from far below takes tens of probe steps.
         freeze_threshold: freeze groups whose share of the total influence (smoothed
             ``b^2 / 2A``, :attr:`influence_share`) is below this, after ``freeze_warmup``
             probe steps. ``None`` (default) never freezes.
