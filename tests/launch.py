@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+WORLD = 2  # processes
+SHARD = 16  # examples per rank; single-process references use WORLD * SHARD
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -45,4 +48,22 @@ def spawn(
     for r in range(world):
         path = tmp_path / f"rank{r}.pt"
         results.append(torch.load(path, weights_only=False) if path.exists() else {})
+    return results
+
+
+def step_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full float64 batch of a training step, the same on every rank."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(WORLD * SHARD, 6, generator=gen, dtype=torch.float64)
+    y = torch.sin(x[:, :1] * 1.5) + 0.3 * x[:, 1:2] * x[:, 2:3]
+    return x, y
+
+
+def spawn_clean(
+    worker: Callable[[int, int, str, str], None], scenario: str, tmp_path: Path, limit: float
+) -> list[dict]:
+    """:func:`spawn` over ``WORLD`` ranks, failing the test if any rank reported an error."""
+    results = spawn(worker, scenario, tmp_path, WORLD, limit)
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r}: {res.get('error')}"
     return results

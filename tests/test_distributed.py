@@ -16,7 +16,7 @@ from torch import nn
 
 import hidlr
 from hidlr.integrations.distributed import DistributedHiDLR, ProbeSyncError, rates_agree
-from launch import spawn
+from launch import SHARD, WORLD, spawn, spawn_clean, step_batch
 
 pytestmark = [
     pytest.mark.distributed,
@@ -24,17 +24,7 @@ pytestmark = [
 ]
 
 F64 = torch.float64
-WORLD = 2
 STEPS = 12
-SHARD = 16  # examples per rank; the single-process reference uses WORLD * SHARD
-
-
-def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The full batch of a step, the same on every rank."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(WORLD * SHARD, 6, generator=gen, dtype=F64)
-    y = torch.sin(x[:, :1] * 1.5) + 0.3 * x[:, 1:2] * x[:, 2:3]
-    return x, y
 
 
 def _model() -> nn.Module:
@@ -55,8 +45,8 @@ OPTIONS = {
 def _train(model, ddp, opt, shard) -> None:
     loss_fn = nn.MSELoss()
     for t in range(STEPS):
-        x, y = _data(t)
-        px, py = _data(t + 1)
+        x, y = step_batch(t)
+        px, py = step_batch(t + 1)
         x, y, px, py = x[shard], y[shard], px[shard], py[shard]
         opt.zero_grad()
         loss_fn(ddp(x), y).backward()
@@ -143,8 +133,8 @@ def _scenario_fail(rank: int, *, exit_on_failure: bool) -> dict:
     started = time.monotonic()
     try:
         for t in range(STEPS):
-            x, y = _data(t)
-            px, py = _data(t + 1)
+            x, y = step_batch(t)
+            px, py = step_batch(t + 1)
             opt.zero_grad()
             loss_fn(ddp(x[shard]), y[shard]).backward()
             started = time.monotonic()
@@ -159,8 +149,11 @@ def _scenario_fail(rank: int, *, exit_on_failure: bool) -> dict:
     return {"raised": None}
 
 
-def _spawn(scenario: str, tmp_path, limit: float = 60.0) -> list[dict]:
-    return spawn(_worker, scenario, tmp_path, WORLD, limit)
+LIMIT = 60.0  # seconds a scenario may take before its ranks are killed
+
+
+def _spawn(scenario: str, tmp_path) -> list[dict]:
+    return spawn(_worker, scenario, tmp_path, WORLD, LIMIT)
 
 
 # -- the tests -------------------------------------------------------------------------------
@@ -168,10 +161,7 @@ def _spawn(scenario: str, tmp_path, limit: float = 60.0) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> list[dict]:
-    results = _spawn("train", tmp_path_factory.mktemp("train"))
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r}: {res.get('error')}"
-    return results
+    return spawn_clean(_worker, "train", tmp_path_factory.mktemp("train"), LIMIT)
 
 
 @pytest.mark.parametrize("policy", list(OPTIONS))

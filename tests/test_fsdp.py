@@ -20,7 +20,7 @@ from torch import nn
 
 import hidlr
 from hidlr.integrations.distributed import DistributedHiDLR, ProbeSyncError, rates_agree
-from launch import spawn
+from launch import SHARD, WORLD, spawn, spawn_clean, step_batch
 
 try:
     from torch.distributed.fsdp import fully_shard
@@ -34,24 +34,14 @@ pytestmark = [
 ]
 
 F64 = torch.float64
-WORLD = 2
 STEPS = 12
 RESUME_AT = 5  # the resumed run is checkpointed after this many steps (the next one probes)
-SHARD = 16  # examples per rank; the single-process reference uses WORLD * SHARD
 LR = 0.05
 LOSS_BELOW = 0.35  # held-out loss after STEPS steps (0.69 at the initial weights)
 OPTIONS = {
     "paper": {"policy": "paper", "update_every": 2, "smoothing": 0.5, "min_r2": 0.5},
     "robust": {"policy": "robust", "update_every": 2},
 }
-
-
-def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The full batch of a step, the same on every rank."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(WORLD * SHARD, 6, generator=gen, dtype=F64)
-    y = torch.sin(x[:, :1] * 1.5) + 0.3 * x[:, 1:2] * x[:, 2:3]
-    return x, y
 
 
 def _model(seed: int = 0) -> nn.Sequential:
@@ -82,8 +72,8 @@ def _train(model, opt, rows, steps) -> list[float]:
     loss_fn = nn.MSELoss()
     losses = []
     for t in steps:
-        x, y = _data(t)
-        px, py = _data(t + 1)
+        x, y = step_batch(t)
+        px, py = step_batch(t + 1)
         opt.zero_grad()
         loss = loss_fn(model(x[rows]), y[rows])
         loss.backward()
@@ -234,8 +224,8 @@ def _scenario_hang(rank: int) -> dict:
     started, lrs = time.monotonic(), opt.lrs
     try:
         for t in range(STEPS):
-            x, y = _data(t)
-            px, py = _data(t + 1)
+            x, y = step_batch(t)
+            px, py = step_batch(t + 1)
             opt.zero_grad()
             loss_fn(model(x[rows]), y[rows]).backward()
             started, lrs = time.monotonic(), opt.lrs
@@ -253,8 +243,11 @@ def _scenario_hang(rank: int) -> dict:
     return {"raised": None}
 
 
-def _spawn(scenario: str, tmp_path, limit: float = 90.0) -> list[dict]:
-    return spawn(_worker, scenario, tmp_path, WORLD, limit)
+LIMIT = 90.0  # seconds a scenario may take before its ranks are killed
+
+
+def _spawn(scenario: str, tmp_path) -> list[dict]:
+    return spawn(_worker, scenario, tmp_path, WORLD, LIMIT)
 
 
 # -- the tests -------------------------------------------------------------------------------
@@ -262,10 +255,7 @@ def _spawn(scenario: str, tmp_path, limit: float = 90.0) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> list[dict]:
-    results = _spawn("train", tmp_path_factory.mktemp("fsdp"))
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r}: {res.get('error')}"
-    return results
+    return spawn_clean(_worker, "train", tmp_path_factory.mktemp("fsdp"), LIMIT)
 
 
 @pytest.mark.parametrize("policy", list(OPTIONS))
