@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from hidlr.experiments import finetune
 from hidlr.experiments.paper import EXPERIMENTS
@@ -183,3 +184,39 @@ def test_missing_data_gives_the_install_command(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         fashion_mnist(tmp_path)
+
+
+@pytest.mark.parametrize("probe_batch", ["next", "previous", "same", "both"])
+def test_train_run_probes_the_chosen_batch(monkeypatch, probe_batch):
+    from hidlr.experiments import training
+
+    seen: list[torch.Tensor] = []
+    probe_loss = training._probe_loss
+
+    def spy(problem, idx):
+        seen.append(idx.clone())
+        return probe_loss(problem, idx)
+
+    monkeypatch.setattr(training, "_probe_loss", spy)
+    task = TASKS["logistic_wide"]
+    training.train_run(
+        task,
+        0,
+        "hidlr",
+        task.grid[3],
+        probe_batch=probe_batch,
+        steps=6,
+        hidlr_options={"update_every": 4},
+    )
+    n = task.problem(0).train[0].shape[0]
+    batches = training._batches(n, task.batch_size, 6, 1000)
+    expected = {
+        "next": (batches[1], batches[5]),
+        "previous": (batches[0], batches[3]),  # step 0 has no previous batch: its own
+        "same": (batches[0], batches[4]),
+        "both": (torch.cat([batches[0], batches[1]]), torch.cat([batches[4], batches[5]])),
+    }[probe_batch]
+    per_step = len(seen) // 2  # probe steps 0 and 4
+    assert len(seen) == 2 * per_step > 0
+    assert all(torch.equal(x, expected[0]) for x in seen[:per_step])
+    assert all(torch.equal(x, expected[1]) for x in seen[per_step:])

@@ -144,3 +144,34 @@ def test_probe_loss_passed_to_the_callback():
     # two probe steps of the robust policy with two groups: 4 + 4 probes and the combined step
     assert calls == [16] * 18
     assert _opt(trainer).steps == BATCHES_PER_EPOCH
+
+
+@pytest.mark.parametrize("probe_batch", ["previous", "same"])
+def test_probes_see_the_previous_batch_by_default(probe_batch):
+    class Recording(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trained: list[torch.Tensor] = []
+            self.probed: list[torch.Tensor] = []
+
+        def training_step(self, batch, batch_idx):
+            self.trained.append(batch[0])
+            return super().training_step(batch, batch_idx)
+
+        def probe_loss(self, batch):
+            self.probed.append(batch[0])
+            return super().probe_loss(batch)
+
+    net, trainer = Recording(), _trainer(1)
+    trainer.callbacks = [HiDLRCallback(probe_batch=probe_batch)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(net, _loader())
+    # update_every=2: probe steps 0 and 2, 9 probe forwards each
+    assert len(net.probed) == 18
+    first, second = net.probed[:9], net.probed[9:]
+    assert all(torch.equal(x, net.trained[0]) for x in first)  # nothing before step 0
+    expected = net.trained[1] if probe_batch == "previous" else net.trained[2]
+    assert all(torch.equal(x, expected) for x in second)
+    with pytest.raises(ValueError, match="probe_batch must be 'previous' or 'same', got 'next'"):
+        HiDLRCallback(probe_batch="next")

@@ -50,6 +50,7 @@ def _bench_robustness(args: argparse.Namespace) -> int:
         seeds=tuple(range(args.seeds)),
         sweep=not args.no_sweep,
         steps_scale=args.steps_scale,
+        probe_batch=args.probe_batch,
         workers=args.workers,
         progress=progress,
     )
@@ -152,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--no-sweep", action="store_true", help="skip the initial-rate sweep")
     rob.add_argument(
         "--steps-scale", type=float, default=1.0, help="scale every task's steps (quick runs)"
+    )
+    rob.add_argument(
+        "--probe-batch",
+        choices=("next", "previous", "same", "both"),
+        default="next",
+        help="the batch Hi-DLR and GeN probe: the next training batch (default), the last "
+        "step's, the gradient's own, or the gradient's and the next together",
     )
     rob.add_argument("--workers", type=int, default=2, help="processes (default: 2)")
     rob.set_defaults(func=_bench_robustness)

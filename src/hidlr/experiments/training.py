@@ -101,8 +101,9 @@ def train_run(
     """Train ``task`` with registry method ``method`` from rate ``lr`` and evaluate it.
 
     ``probe_batch``: which batch Hi-DLR's closure evaluates, ``"next"`` (the following
-    training batch, which is then also the next step's batch) or ``"same"`` (the gradient's
-    own). A run diverged if a training loss is not finite or the final validation loss is
+    training batch, which is then also the next step's batch), ``"previous"`` (the last
+    step's batch; the gradient's own on the first step), ``"same"`` (the gradient's own) or
+    ``"both"`` (the gradient's and the next). A run diverged if a training loss is not finite or the final validation loss is
     above the initial one.
     """
     problem = task.problem(seed)
@@ -120,6 +121,7 @@ def train_run(
             "next": batches[step + 1],
             "same": idx,
             "both": torch.cat([idx, batches[step + 1]]),
+            "previous": batches[step - 1] if step > 0 else idx,
         }[probe_batch]
         built.optimizer.zero_grad()
         loss = problem.loss_fn(model(x[idx]), y[idx])

@@ -5,8 +5,9 @@ Lightning calls ``optimizer.step(closure)`` with a closure that runs ``training_
 
 - :class:`LightningHiDLR` (a :class:`~hidlr.HiDLR`) runs Lightning's closure first (forward and
   backward, with gradients enabled), then its own step, probing with the module's
-  ``probe_loss(batch)`` on the current batch;
-- :class:`HiDLRCallback` hands it each training batch (``on_train_batch_start``).
+  ``probe_loss(batch)``;
+- :class:`HiDLRCallback` hands it the batch to probe: by default the previous training batch
+  (``probe_batch="previous"``), or the gradient's own (``"same"``).
 
 Use::
 
@@ -22,10 +23,15 @@ Checkpoints: Lightning saves ``optimizer.state_dict()`` (the base optimizer's st
 rates and HiDLR's step count) and restores it on ``fit(ckpt_path=...)``; a run resumed at an
 epoch boundary continues bit for bit like an uninterrupted one.
 
-Probes use the gradient's own batch, whose fitted rates are systematically somewhat too long
-(the README's robustness benchmark); gradient accumulation is not supported (the probe step
-would see a partial gradient), nor is manual optimisation (call ``opt.step(closure)`` yourself
-there, as with plain HiDLR).
+Which batch the probes see: rates fitted on the gradient's own batch are systematically too
+long (that batch is the one the step was made for), so by default the probes see the previous
+step's batch, which the direction hardly depends on (the first step, which has none, probes its
+own). On the robustness benchmark (``hidlr bench robustness --probe-batch``) the previous batch
+does almost as well as the next one, and the gradient's own batch diverges on some tasks; see
+the README. The callback keeps that batch in its checkpoint state, so a resumed run probes what
+an uninterrupted one would. Gradient accumulation is not supported (the probe step would see a
+partial gradient), nor is manual optimisation (call ``opt.step(closure)`` yourself there, as with
+plain HiDLR).
 """
 
 from __future__ import annotations
@@ -83,12 +89,26 @@ class LightningHiDLR(HiDLR):
 
 
 class HiDLRCallback(Callback):
-    """Gives every :class:`LightningHiDLR` of the trainer the probe closure of each batch:
+    """Gives every :class:`LightningHiDLR` of the trainer the probe closure of each step:
     ``pl_module.probe_loss(batch)`` (or ``probe_loss`` passed here, called as
-    ``probe_loss(pl_module, batch)``)."""
+    ``probe_loss(pl_module, batch)``).
 
-    def __init__(self, probe_loss: Callable[[Any, Any], Any] | None = None) -> None:
+    Args:
+        probe_loss: the loss without backward, if the module has no ``probe_loss`` method.
+        probe_batch: ``"previous"`` (default): the probes see the previous training batch (the
+            first step's own batch when there is none); ``"same"``: the gradient's own batch.
+    """
+
+    def __init__(
+        self,
+        probe_loss: Callable[[Any, Any], Any] | None = None,
+        probe_batch: str = "previous",
+    ) -> None:
+        if probe_batch not in ("previous", "same"):
+            raise ValueError(f"probe_batch must be 'previous' or 'same', got {probe_batch!r}")
         self.probe_loss = probe_loss
+        self.probe_batch = probe_batch
+        self._previous: Any = None
 
     def _optimizers(self, trainer: Any) -> list[LightningHiDLR]:
         found = []
@@ -116,13 +136,26 @@ class HiDLRCallback(Callback):
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
         fn = self.probe_loss
+        seen = batch
+        if self.probe_batch == "previous" and self._previous is not None:
+            seen = self._previous
 
         def probe() -> Any:
-            return fn(pl_module, batch) if fn is not None else pl_module.probe_loss(batch)
+            return fn(pl_module, seen) if fn is not None else pl_module.probe_loss(seen)
 
         for opt in self._optimizers(trainer):
             opt.probe_closure = probe
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         for opt in self._optimizers(trainer):
             opt.probe_closure = None
+        if self.probe_batch == "previous":
+            self._previous = batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous_batch": self._previous} if self.probe_batch == "previous" else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._previous = state_dict.get("previous_batch")

@@ -12,8 +12,12 @@ with one param group per group of a grouping function (default: :func:`hidlr.by_
   mean loss over all micro-batches of the step, the objective whose gradient was
   accumulated; ``"last"`` probes the last micro-batch only (``gradient_accumulation_steps``
   times cheaper); ``probe_fraction`` probes the first fraction of each micro-batch
-  (:func:`hidlr.probe_subset`). The probes see the gradient's own batch (see the README on the bias this
-  gives: rates are somewhat too long; the robust policy bounds them).
+  (:func:`hidlr.probe_subset`). By default (``probe_batch="previous"``) the probes see the
+  previous optimizer step's micro-batches, not the gradient's own: rates fitted on the batch
+  the step was made for are systematically too long (the README's robustness benchmark); the
+  first step, which has no previous batch, and ``probe_batch="same"`` probe the step's own.
+  After ``resume_from_checkpoint`` the first probe step probes its own batch if no step came
+  before it.
 * **Gradient clipping** happens in the Trainer before the step; Hi-DLR's direction is the
   base optimizer's step on the clipped gradient.
 * **Mixed precision**: probes call the model as prepared by ``accelerate`` (autocast) inside
@@ -123,6 +127,8 @@ class HiDLRTrainer(Trainer):
         probe_fraction: the probes see the first ``ceil(probe_fraction * n)`` examples of
             each of those micro-batches (default 1: all); smaller is cheaper and noisier
             (``hidlr bench overhead`` measures both).
+        probe_batch: ``"previous"`` (default): the probes see the previous optimizer step's
+            micro-batches; ``"same"``: the current step's (the gradient's own).
 
     An optimizer passed through ``optimizers=(opt, scheduler)`` is used as the base and
     wrapped, unless it already is a :class:`ClosureHiDLR`. The Hi-DLR optimizer is
@@ -136,12 +142,16 @@ class HiDLRTrainer(Trainer):
         hidlr_kwargs: Mapping[str, Any] | None = None,
         probe_micro_batches: str = "all",
         probe_fraction: float = 1.0,
+        probe_batch: str = "previous",
         **kwargs: Any,
     ) -> None:
         if probe_micro_batches not in ("all", "last"):
             raise ValueError(
                 f"probe_micro_batches must be 'all' or 'last', got {probe_micro_batches!r}"
             )
+        if probe_batch not in ("previous", "same"):
+            raise ValueError(f"probe_batch must be 'previous' or 'same', got {probe_batch!r}")
+        self.probe_batch = probe_batch
         self.probe_fraction = check_float(
             "probe_fraction", probe_fraction, low=0.0, high=1.0, low_open=True
         )
@@ -151,6 +161,7 @@ class HiDLRTrainer(Trainer):
         self.hidlr_kwargs: dict[str, Any] = dict(hidlr_kwargs or {})
         self.probe_micro_batches = probe_micro_batches
         self._hidlr_batches: list[Any] = []
+        self._hidlr_previous: list[Any] = []
         self._hidlr_model: nn.Module | None = None
         self._hidlr_stash_step = -1
         super().__init__(*args, **kwargs)
@@ -219,7 +230,10 @@ class HiDLRTrainer(Trainer):
     ) -> torch.Tensor:
         # global_step advances after every optimizer step (taken or skipped by a scaler):
         # a new value means a new step's first micro-batch
-        if self.probe_micro_batches == "last" or self._hidlr_stash_step != self.state.global_step:
+        if self._hidlr_stash_step != self.state.global_step:
+            self._hidlr_previous = self._hidlr_batches or self._hidlr_previous
+            self._hidlr_batches = []
+        elif self.probe_micro_batches == "last":
             self._hidlr_batches = []
         self._hidlr_stash_step = self.state.global_step
         self._hidlr_batches.append(inputs)
@@ -230,8 +244,11 @@ class HiDLRTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _probe_loss(self) -> torch.Tensor:
-        """The mean loss of the model on this step's stashed micro-batches (no backward)."""
+        """The mean loss of the model on the stashed micro-batches of the previous step (or of
+        this one: see ``probe_batch``), without backward."""
         batches, model = self._hidlr_batches, self._hidlr_model
+        if self.probe_batch == "previous" and self._hidlr_previous:
+            batches = self._hidlr_previous
         if not batches or model is None:
             raise RuntimeError("HiDLRTrainer: no batch stashed for the probe closure")
         total = torch.zeros((), dtype=torch.float32)
