@@ -137,3 +137,48 @@ def test_with_probe_batch_pairs_each_batch_with_the_next():
     assert list(with_probe_batch([1, 2, 3])) == [(1, 2), (2, 3), (3, 3)]
     assert list(with_probe_batch([])) == []
     assert list(with_probe_batch(iter([7]))) == [(7, 7)]
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6])
+def test_python_and_lapack_least_squares_agree(k, coupled):
+    from hidlr import fit as fit_module
+
+    gen = torch.Generator().manual_seed(k)
+    rows = [[c if j == i else 0.0 for j in range(k)] for i in range(k) for c in MULTS]
+    if coupled:
+        rows += [
+            [s if j in (i, l) else 0.0 for j in range(k)]
+            for i in range(k)
+            for l in range(i + 1, k)
+            for s in (-1.0, 1.0)
+        ]
+    off = torch.tensor(rows, dtype=torch.float64)
+    rates = (0.5 + torch.rand(k, generator=gen, dtype=torch.float64)).tolist()
+    y = 3.0 + torch.randn(len(rows), generator=gen, dtype=torch.float64)
+    groups = list(range(k))
+    x = [fit_module._design_row(r, groups, coupled) for r in rows]
+    lapack = torch.linalg.lstsq(
+        torch.tensor(x, dtype=torch.float64), y[:, None], driver="gelsd"
+    ).solution[:, 0]
+    python = fit_module._solve_householder(x, y.tolist())
+    assert python is not None
+    torch.testing.assert_close(
+        torch.tensor(python, dtype=torch.float64), lapack, rtol=1e-12, atol=1e-12
+    )
+    # which path fit_quadratic takes depends on the size only; both give the same fit
+    fit = fit_quadratic(off, y, rates, coupled=coupled)
+    assert fit.intercept == pytest.approx(lapack[0].item(), rel=1e-12)
+    assert [fit.b[j] * rates[j] for j in groups] == pytest.approx(
+        lapack[1 : 1 + k].tolist(), rel=1e-10
+    )
+
+
+def test_python_least_squares_refuses_a_rank_deficient_design():
+    from hidlr.fit import _solve_householder
+
+    x = [[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]]  # second column = 2 x first
+    assert _solve_householder(x, [1.0, 2.0, 3.0]) is None
+    assert _solve_householder(
+        [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [1.0, 2.0, 3.0]
+    ) == pytest.approx([1.0, 2.0])

@@ -187,9 +187,11 @@ def test_groups_that_add_up_overshoot_with_the_diagonal_model_but_not_with_the_j
         opt.zero_grad()
         loss().backward()
         opt.step(loss)
+        if loss().item() < 1e-12:  # beyond, the probes see float64 rounding only
+            break
     rec = opt.history[0]
     assert rec.coupling_ratio == pytest.approx(0.5, rel=1e-9)  # C_diag / C for two equal steps
-    assert loss().item() < 1e-12
+    assert loss().item() < 1e-12 and opt.steps == 5
     assert opt.lrs == pytest.approx([0.5, 0.5])  # the Newton step along the combined direction
 
 

@@ -92,20 +92,32 @@ def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return copies  # type: ignore[return-value]
 
 
-def _exchange(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
+def swap_plan(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[bool]:
+    """For each pair, whether :func:`_exchange` may swap pointers: one of the two owns its
+    storage alone. Exchanging keeps that true (it swaps the two), so the plan is computed once
+    per probe step."""
+    return [_owns_storage(p) or _owns_storage(b) for p, b in zip(params, buffers, strict=True)]
+
+
+def _exchange(
+    params: list[torch.Tensor], buffers: list[torch.Tensor], plan: list[bool] | None = None
+) -> None:
     """Exchange the contents of ``params[i]`` and ``buffers[i]`` exactly, in place.
 
-    Pointer swap when one of the two owns its storage alone (``buffers`` is updated to hold
-    the parameter's old storage): a parameter that does is lent a view of the snapshot and
-    gets its own storage back at the next exchange. Bitwise XOR swap otherwise (a parameter
-    that is a view of shared storage, and the local shards of ``DTensor`` parameters, whose
-    storage must stay where their container put it).
+    Pointer swap when one of the two owns its storage alone (``plan[i]``, see
+    :func:`swap_plan`; ``buffers`` is updated to hold the parameter's old storage): a parameter
+    that does is lent a view of the snapshot and gets its own storage back at the next
+    exchange. Bitwise XOR swap otherwise (a parameter that is a view of shared storage, and
+    the local shards of ``DTensor`` parameters, whose storage must stay where their container
+    put it).
     """
     dtensor = _dtensor_class()
+    if plan is None:
+        plan = swap_plan(params, buffers)
     for i, (p, b) in enumerate(zip(params, buffers, strict=True)):
         if dtensor is not None and isinstance(p, dtensor):
             _xor_swap(_local(p, dtensor), _local(b, dtensor))
-        elif _owns_storage(p) or _owns_storage(b):
+        elif plan[i]:
             old = p.data
             p.data = b
             buffers[i] = old
@@ -116,9 +128,12 @@ def _exchange(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
 class GroupMover:
     """Moves one group's parameters along its step; see the module docstring."""
 
-    def __init__(self, params: list[torch.Tensor], w1: list[torch.Tensor]) -> None:
+    def __init__(
+        self, params: list[torch.Tensor], w1: list[torch.Tensor], plan: list[bool] | None = None
+    ) -> None:
         self.params = params
         self.w1 = w1  # exact w1 while not swapped; the parked point while swapped
+        self.plan = swap_plan(params, w1) if plan is None else plan
         self.offset = -1.0
         self._parked = 0.0  # offset held by self.w1 while swapped
         self._swapped = False
@@ -141,7 +156,7 @@ class GroupMover:
         if offset == self.offset or not self.params:
             return
         if offset == 0.0:
-            _exchange(self.params, self.w1)
+            _exchange(self.params, self.w1, self.plan)
             self._swapped, self._parked, self.offset = True, self.offset, 0.0
             return
         self._unswap()
@@ -165,7 +180,7 @@ class GroupMover:
 
     def _unswap(self) -> None:
         if self._swapped:
-            _exchange(self.params, self.w1)
+            _exchange(self.params, self.w1, self.plan)
             self._swapped, self.offset = False, self._parked
 
     def finish(self, offset: float) -> None:
@@ -179,7 +194,7 @@ class GroupMover:
             # write the final point into w1's buffers (the parameters' own storage), then exchange
             params, w1 = self._operands()
             torch._foreach_lerp_(w1, params, offset / self.offset)
-        _exchange(self.params, self.w1)
+        _exchange(self.params, self.w1, self.plan)
         self.offset = offset
 
     def reset(self) -> None:
@@ -197,29 +212,34 @@ class BufferGuard:
     """
 
     def __init__(self) -> None:
-        self._saved: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._seen: set[int] = set()
+        self._buffers: list[torch.Tensor] = []
+        self._saved: list[torch.Tensor] = []
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 
     def _hook(self, module: nn.Module, args: object) -> None:
-        if id(module) in self._saved:
+        if id(module) in self._seen:
             return
-        self._saved[id(module)] = [
-            (buf, buf.detach().clone()) for buf in module.buffers(recurse=False) if buf is not None
-        ]
+        self._seen.add(id(module))
+        for buf in module.buffers(recurse=False):
+            if buf is not None:
+                self._buffers.append(buf)
+                self._saved.append(buf.detach().clone())
 
     def __enter__(self) -> BufferGuard:
         self._handle = nn.modules.module.register_module_forward_pre_hook(self._hook)
         return self
 
     def restore(self) -> None:
-        for entries in self._saved.values():
-            for buf, saved in entries:
-                buf.copy_(saved)
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, self._saved)
 
     def __exit__(self, *exc: object) -> None:
         if self._handle is not None:
             self._handle.remove()
         self.restore()
+        self._seen.clear()
+        self._buffers.clear()
         self._saved.clear()
 
 

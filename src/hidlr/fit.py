@@ -61,16 +61,54 @@ class RateDecision:
     reason: str
 
 
-def _design(offsets: torch.Tensor, groups: Sequence[int], coupled: bool) -> torch.Tensor:
+SMALL_FIT = 9  # unknowns up to which the fit runs in Python floats (K <= 4 groups, diagonal)
+
+
+def _design_row(row: Sequence[float], groups: Sequence[int], coupled: bool) -> list[float]:
     """Columns: intercept, -s_k (b), s_k^2 / 2 (A_kk), s_k s_l for k < l (A_kl, coupled)."""
-    cols = [torch.ones(offsets.shape[0], dtype=torch.float64)]
-    cols += [-offsets[:, k] for k in groups]
-    cols += [0.5 * offsets[:, k] ** 2 for k in groups]
+    out = [1.0] + [-row[k] for k in groups] + [0.5 * row[k] * row[k] for k in groups]
     if coupled:
-        cols += [
-            offsets[:, k] * offsets[:, l] for i, k in enumerate(groups) for l in groups[i + 1 :]
-        ]
-    return torch.stack(cols, dim=1)
+        out += [row[k] * row[l] for i, k in enumerate(groups) for l in groups[i + 1 :]]
+    return out
+
+
+def _solve_householder(x: list[list[float]], y: list[float]) -> list[float] | None:
+    """Least squares by Householder QR in Python floats (backward stable, as LAPACK's);
+    ``None`` when the design is (nearly) rank deficient. For the few unknowns of a default
+    probe step this costs tens of microseconds where a LAPACK call costs a fraction of a
+    millisecond."""
+    n, p = len(x), len(x[0])
+    cols = [[row[j] for row in x] for j in range(p)] + [list(y)]  # column-major, y last
+    scale = max(math.sqrt(sum(v * v for v in c)) for c in cols[:p])
+    for j in range(p):
+        head = cols[j]
+        norm = math.sqrt(sum(head[i] * head[i] for i in range(j, n)))
+        if not norm > 1e-12 * scale:
+            return None
+        alpha = -norm if head[j] > 0 else norm
+        v = [0.0] * j + [head[j] - alpha] + head[j + 1 :]
+        vv = sum(v[i] * v[i] for i in range(j, n))
+        for c in cols[j:]:
+            f = 2.0 * sum(v[i] * c[i] for i in range(j, n)) / vv
+            for i in range(j, n):
+                c[i] -= f * v[i]
+    coef = [0.0] * p
+    for i in reversed(range(p)):
+        rest = sum(cols[k][i] * coef[k] for k in range(i + 1, p))
+        coef[i] = (cols[p][i] - rest) / cols[i][i]
+    return coef
+
+
+def _lstsq(x: list[list[float]], y: list[float]) -> list[float]:
+    """Minimum-norm least squares: Python floats for small problems, LAPACK's SVD-based
+    ``gelsd`` for large or rank-deficient ones."""
+    if len(x[0]) <= SMALL_FIT:
+        coef = _solve_householder(x, y)
+        if coef is not None:
+            return coef
+    xt = torch.tensor(x, dtype=torch.float64)
+    yt = torch.tensor(y, dtype=torch.float64)[:, None]
+    return torch.linalg.lstsq(xt, yt, driver="gelsd").solution[:, 0].tolist()
 
 
 def fit_quadratic(
@@ -91,13 +129,14 @@ def fit_quadratic(
 
     The intercept is shared by all groups, so no unperturbed loss is needed.
     """
-    offsets = offsets.to(torch.float64)
-    losses = losses.to(torch.float64)
+    rows = offsets.to(torch.float64).tolist()
+    ys = losses.to(torch.float64).tolist()
     n_groups = offsets.shape[1]
-    moved = offsets != 0
-    finite = torch.isfinite(losses)
-    bad = (moved & ~finite[:, None]).any(dim=0)
-    groups = [k for k in range(n_groups) if moved[:, k].any() and not bad[k]]
+    finite = [math.isfinite(v) for v in ys]
+    movers = [[k for k in range(n_groups) if r[k] != 0] for r in rows]
+    bad = {k for r, ok in zip(movers, finite, strict=True) if not ok for k in r}
+    moved = {k for r in movers for k in r}
+    groups = [k for k in range(n_groups) if k in moved and k not in bad]
     nan = float("nan")
     empty = QuadraticFit(
         nan,
@@ -109,21 +148,25 @@ def fit_quadratic(
     )
     if not groups:
         return empty
-    keep = finite & ~(moved[:, [k for k in range(n_groups) if k not in groups]].any(dim=1))
-    x, y = _design(offsets[keep], groups, coupled), losses[keep]
-    if x.shape[0] < x.shape[1]:
+    fitted = set(groups)
+    keep = [
+        i for i, (r, ok) in enumerate(zip(movers, finite, strict=True)) if ok and set(r) <= fitted
+    ]
+    x = [_design_row(rows[i], groups, coupled) for i in keep]
+    y = [ys[i] for i in keep]
+    if len(x) < len(x[0]):
         return empty
-    coef = torch.linalg.lstsq(x, y[:, None], driver="gelsd").solution[:, 0]
-    pred = x @ coef
+    coef = _lstsq(x, y)
+    pred = [sum(c * v for c, v in zip(coef, r, strict=True)) for r in x]
     m = len(groups)
     b = [nan] * n_groups
     a = [[nan] * n_groups for _ in range(n_groups)]
     r2 = [nan] * n_groups
     spread = [nan] * n_groups
-    pairs = iter(coef[1 + 2 * m :].tolist())
+    pairs = iter(coef[1 + 2 * m :])
     for i, k in enumerate(groups):
-        b[k] = coef[1 + i].item() / rates[k]
-        a[k][k] = coef[1 + m + i].item() / rates[k] ** 2
+        b[k] = coef[1 + i] / rates[k]
+        a[k][k] = coef[1 + m + i] / rates[k] ** 2
         if coupled:
             for l in groups[i + 1 :]:
                 a[k][l] = a[l][k] = next(pairs) / (rates[k] * rates[l])
@@ -131,13 +174,15 @@ def fit_quadratic(
             for l in groups:
                 if l != k:
                     a[k][l] = 0.0
-        own = moved[keep][:, k] & (moved[keep].sum(dim=1) == 1)
-        ss_tot = ((y[own] - y[own].mean()) ** 2).sum().item()
-        ss_res = ((y[own] - pred[own]) ** 2).sum().item()
-        r2[k] = 1.0 - ss_res / ss_tot if ss_tot > 0 else nan
-        spread[k] = (y[own].max() - y[own].min()).item() if own.any() else nan
+        own = [j for j, row in enumerate(keep) if movers[row] == [k]]
+        if own:
+            mean = sum(y[j] for j in own) / len(own)
+            ss_tot = sum((y[j] - mean) ** 2 for j in own)
+            ss_res = sum((y[j] - pred[j]) ** 2 for j in own)
+            r2[k] = 1.0 - ss_res / ss_tot if ss_tot > 0 else nan
+            spread[k] = max(y[j] for j in own) - min(y[j] for j in own)
     return QuadraticFit(
-        coef[0].item(), tuple(b), tuple(tuple(row) for row in a), tuple(r2), coupled, tuple(spread)
+        coef[0], tuple(b), tuple(tuple(row) for row in a), tuple(r2), coupled, tuple(spread)
     )
 
 

@@ -11,7 +11,14 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from hidlr._probing import GroupMover, _dtensor_class, _exchange, probe_context, snapshot
+from hidlr._probing import (
+    GroupMover,
+    _dtensor_class,
+    _exchange,
+    probe_context,
+    snapshot,
+    swap_plan,
+)
 from hidlr._validation import check_bool, check_choice, check_float, check_int
 from hidlr.fit import (
     SPIKE_CUT,
@@ -409,10 +416,12 @@ class HiDLR(Optimizer):
                 torch._foreach_copy_(flat, copies)
             raise
         self._steps += 1
-        _exchange(flat, copies)  # params hold w0, the copies hold w1 exactly
+        plan = swap_plan(flat, copies)
+        _exchange(flat, copies, plan)  # params hold w0, the copies hold w1 exactly
         movers, start = [], 0
         for ps in params:
-            movers.append(GroupMover(ps, copies[start : start + len(ps)]))
+            end = start + len(ps)
+            movers.append(GroupMover(ps, copies[start:end], plan[start:end]))
             start += len(ps)
         try:
             self._probe_and_update(closure, movers)
