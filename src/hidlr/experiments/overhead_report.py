@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from hidlr.experiments.overhead import _MB, paper_bound
+from hidlr.experiments.overhead_workloads import _MB, paper_bound
 
 __all__ = ["format_overhead", "plot_overhead"]
 
