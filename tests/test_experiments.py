@@ -220,3 +220,60 @@ def test_train_run_probes_the_chosen_batch(monkeypatch, probe_batch):
     assert len(seen) == 2 * per_step > 0
     assert all(torch.equal(x, expected[0]) for x in seen[:per_step])
     assert all(torch.equal(x, expected[1]) for x in seen[per_step:])
+
+
+def test_greedy_multipliers_are_the_exact_line_search_on_a_linear_model():
+    from torch import nn
+
+    from hidlr.experiments.greedy import format_trace, greedy_multipliers
+    from hidlr.experiments.tasks import Problem, Task
+    from hidlr.experiments.training import _batches
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 3, generator=gen, dtype=torch.float64)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64) + 0.3
+
+    def build(seed: int) -> Problem:
+        torch.manual_seed(seed)
+        model = nn.Linear(3, 1).double()
+        groups = [
+            {"params": [model.weight], "name": "weight"},
+            {"params": [model.bias], "name": "bias"},
+        ]
+        loss = lambda p, t: ((p - t) ** 2).mean()  # noqa: E731
+        return Problem(model, groups, (x[:64], y[:64]), (x[64:], y[64:]), loss)
+
+    lr = 0.05
+    task = Task("linear", "regression", "sgd", 16, 3, (lr,), "tune", "weight/bias", build)
+    trace = greedy_multipliers(task, lr, every=100)
+    assert trace.steps == [0, 2] and trace.groups == ["weight", "bias"]
+    # closed form at step 0: u = -lr * g on batch 0; along group k the next batch's loss is
+    # mean((r + c X_k u_k)^2), minimised at c* = -mean(r * d) / mean(d * d) with d = X_k u_k
+    model = build(0).model
+    xb, yb = x[:64], y[:64]
+    first, nxt = _batches(64, 16, 3, 1000)[:2]
+    loss = ((model(xb[first]) - yb[first]) ** 2).mean()
+    gw, gb = torch.autograd.grad(loss, [model.weight, model.bias])
+    r = (model(xb[nxt]) - yb[nxt]).detach()
+    for d, got in (
+        (xb[nxt] @ (-lr * gw).T, trace.multipliers[0][0]),
+        ((-lr * gb).expand(len(nxt), 1), trace.multipliers[0][1]),
+    ):
+        assert got == pytest.approx((-(r * d).mean() / (d * d).mean()).item(), rel=1e-9)
+    assert trace.multipliers[0][0] > 1.5  # a small rate: the fit asks for a longer step
+    assert math.isfinite(trace.val_loss)
+    assert "weight" in format_trace(trace).splitlines()[1]
+
+
+def test_a_schedule_scales_hidlr_and_gen_only():
+    from hidlr.experiments.training import build_method
+
+    task = TASKS["logistic_wide"]
+    for method in ("hidlr", "gen", "constant"):
+        built = build_method(task, task.problem(0), method, 0.1, 10, {}, "cosine")
+        if method == "constant":
+            assert built.scheduler is None  # the grid keeps its constant rate
+            continue
+        assert built.scheduler is not None
+        factors = [built.scheduler.lr_lambdas[0](t) for t in (0, 5, 10)]
+        assert factors == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)

@@ -24,6 +24,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_greedy(args: argparse.Namespace) -> int:
+    from hidlr.experiments.greedy import format_trace, greedy_multipliers
+    from hidlr.experiments.tasks import TASKS
+
+    if args.task not in TASKS:
+        print(f"unknown task {args.task!r}; tasks are: {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(1)
+    print(
+        format_trace(
+            greedy_multipliers(TASKS[args.task], args.lr, seed=args.seed, every=args.every)
+        )
+    )
+    return 0
+
+
 def _bench_robustness(args: argparse.Namespace) -> int:
     import json
 
@@ -51,6 +69,7 @@ def _bench_robustness(args: argparse.Namespace) -> int:
         sweep=not args.no_sweep,
         steps_scale=args.steps_scale,
         probe_batch=args.probe_batch,
+        schedule=args.schedule,
         workers=args.workers,
         progress=progress,
     )
@@ -161,8 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="the batch Hi-DLR and GeN probe: the next training batch (default), the last "
         "step's, the gradient's own, or the gradient's and the next together",
     )
+    rob.add_argument(
+        "--schedule",
+        choices=("constant", "cosine", "linear"),
+        default="constant",
+        help="a decay multiplying Hi-DLR's and GeN's adapted rates over each run (default: none)",
+    )
     rob.add_argument("--workers", type=int, default=2, help="processes (default: 2)")
     rob.set_defaults(func=_bench_robustness)
+    greedy = bench.add_parser(
+        "greedy",
+        help="the one-step fit's rate multiple along a constant-rate run of a robustness task",
+    )
+    greedy.add_argument("task", help="a robustness task's name")
+    greedy.add_argument("--lr", type=float, required=True, help="the constant uniform rate")
+    greedy.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    greedy.add_argument("--every", type=int, default=25, help="steps between fits (default: 25)")
+    greedy.set_defaults(func=_bench_greedy)
     ov = bench.add_parser("overhead", help="Hi-DLR's extra time and memory vs the base optimizer")
     ov.add_argument("--out", default="runs/overhead", help="results folder")
     ov.add_argument("--quick", action="store_true", help="MLP only, fewer K/Phi (about 1 minute)")

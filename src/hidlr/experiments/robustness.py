@@ -61,7 +61,7 @@ def jobs_for(tasks: Sequence[str], seeds: Sequence[int], sweep: bool = True) -> 
 
 
 def _run(
-    job: Job, hidlr_options: dict[str, Any], probe_batch: str, steps_scale: float
+    job: Job, hidlr_options: dict[str, Any], probe_batch: str, steps_scale: float, schedule: str
 ) -> dict[str, Any]:
     torch.set_num_threads(1)
     task = TASKS[job.task]
@@ -75,11 +75,12 @@ def _run(
             hidlr_options=hidlr_options,
             probe_batch=probe_batch,
             steps=steps,
+            schedule=schedule,
         )
     return {"key": job.key, "role": job.role, **result.as_dict()}
 
 
-def _run_star(args: tuple[Job, dict[str, Any], str, float]) -> dict[str, Any]:
+def _run_star(args: tuple[Job, dict[str, Any], str, float, str]) -> dict[str, Any]:
     return _run(*args)
 
 
@@ -91,6 +92,7 @@ def run_benchmark(
     sweep: bool = True,
     hidlr_options: dict[str, Any] | None = None,
     probe_batch: str = "next",
+    schedule: str = "constant",
     steps_scale: float = 1.0,
     workers: int = 2,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
@@ -105,7 +107,7 @@ def run_benchmark(
         else set()
     )
     todo = [j for j in jobs_for(tasks or list(TASKS), seeds, sweep) if j.key not in done]
-    args = [(j, dict(hidlr_options or {}), probe_batch, steps_scale) for j in todo]
+    args = [(j, dict(hidlr_options or {}), probe_batch, steps_scale, schedule) for j in todo]
     with path.open("a") as fh:
         results: Iterable[dict[str, Any]]
         if workers > 1 and len(args) > 1:

@@ -76,12 +76,15 @@ def build_method(
     lr: float,
     steps: int,
     hidlr_options: dict[str, Any] | None,
+    schedule: str = "constant",
 ) -> Built:
-    """The registry's method ``method`` for this task's groups and base optimizer."""
+    """The registry's method ``method`` for this task's groups and base optimizer; ``schedule``
+    (a decay over the run, multiplying the adapted rates) applies to Hi-DLR and GeN only."""
     groups = [{"params": g["params"], "name": g["name"]} for g in problem.groups]
     config: dict[str, Any] = dict(BASES[task.base], lr=lr, total_steps=steps)
     if method in ("gen", "hidlr"):
         config["hidlr_options"] = dict(hidlr_options or {})
+        config["schedule"] = schedule
     if method == "prodigy" and config["base"] == "sgd":  # Prodigy is Adam-based only
         config = {"base": "adam", "lr": lr, "total_steps": steps}
     return build(method, groups, **config)
@@ -97,6 +100,7 @@ def train_run(
     probe_batch: str = "next",
     steps: int | None = None,
     record_every: int = 10,
+    schedule: str = "constant",
 ) -> RunResult:
     """Train ``task`` with registry method ``method`` from rate ``lr`` and evaluate it.
 
@@ -109,7 +113,7 @@ def train_run(
     problem = task.problem(seed)
     model, (x, y) = problem.model, problem.train
     steps = task.steps if steps is None else steps
-    built = build_method(task, problem, method, lr, steps, hidlr_options)
+    built = build_method(task, problem, method, lr, steps, hidlr_options, schedule)
     batches = _batches(x.shape[0], task.batch_size, steps, seed + 1000)
     initial = evaluate(problem)
     result = RunResult(task.name, method, seed, lr, math.nan, initial, False, 0.0, probe_batch)
