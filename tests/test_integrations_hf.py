@@ -233,14 +233,18 @@ def test_trainer_probes_a_fraction_of_the_batch(tmp_path):
         HiDLRTrainer(model=bert(), probe_fraction=0.0)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_trainer_resume_is_bit_identical(tmp_path, lora):
-    # a checkpoint in the middle of a probe cycle (update_every=4, saved at step 6)
-    straight = trainer(tmp_path / "a", lora=lora, steps=12, save_strategy="steps", save_steps=6)
+@pytest.mark.parametrize(
+    ("lora", "at"), [(False, 6), (True, 6), (False, 4)], ids=["full", "lora", "before-probe"]
+)
+def test_trainer_resume_is_bit_identical(tmp_path, lora, at):
+    # a checkpoint in the middle of a probe cycle (update_every=4, saved at step 6), or just
+    # before a probe step, which probes the micro-batches of the step before the checkpoint
+    straight = trainer(tmp_path / "a", lora=lora, steps=12, save_strategy="steps", save_steps=at)
     straight.train()
-    checkpoint = tmp_path / "a" / "checkpoint-6"
+    checkpoint = tmp_path / "a" / f"checkpoint-{at}"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    assert set(saved) == {"base", "hidlr"} and saved["hidlr"]["steps"] == 6
+    assert set(saved) == {"base", "hidlr", "probe_batches"} and saved["hidlr"]["steps"] == at
+    assert len(saved["probe_batches"]) == 2  # gradient_accumulation_steps micro-batches
 
     resumed = trainer(tmp_path / "b", lora=lora, steps=12, save_strategy="no")
     resumed.train(resume_from_checkpoint=str(checkpoint))

@@ -16,8 +16,7 @@ with one param group per group of a grouping function (default: :func:`hidlr.by_
   previous optimizer step's micro-batches, not the gradient's own: rates fitted on the batch
   the step was made for are systematically too long (the README's robustness benchmark); the
   first step, which has no previous batch, and ``probe_batch="same"`` probe the step's own.
-  After ``resume_from_checkpoint`` the first probe step probes its own batch if no step came
-  before it.
+  Checkpoints keep the last step's micro-batches for that (in ``optimizer.pt``).
 * **Gradient clipping** happens in the Trainer before the step; Hi-DLR's direction is the
   base optimizer's step on the clipped gradient.
 * **Mixed precision**: probes call the model as prepared by ``accelerate`` (autocast) inside
@@ -63,11 +62,30 @@ class ClosureHiDLR(HiDLR):
 
     ``default_closure`` is set by whoever owns the batch (:class:`HiDLRTrainer` before every
     optimizer step); it is not saved in checkpoints. A closure passed to :meth:`step` wins.
+
+    :attr:`step_batches` (the current step's micro-batches) and :attr:`previous_batches` (the
+    last step's) are where :class:`HiDLRTrainer` keeps the batches its probes see; the current
+    step's are saved in :meth:`state_dict` (key ``"probe_batches"``), so a run resumed from a
+    checkpoint probes the batch an uninterrupted one would.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
         super().__init__(optimizer, **kwargs)
         self.default_closure: Callable[[], Any] | None = None
+        self.step_batches: list[Any] = []
+        self.previous_batches: list[Any] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.step_batches:
+            state["probe_batches"] = [dict(b) for b in self.step_batches]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        batches = state.pop("probe_batches", None)
+        super().load_state_dict(state)
+        self.step_batches, self.previous_batches = list(batches or []), []
 
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
         return super().step(closure if closure is not None else self.default_closure)
@@ -160,8 +178,6 @@ class HiDLRTrainer(Trainer):
         self.hidlr_groups: GroupFn = hidlr_groups or default_groups
         self.hidlr_kwargs: dict[str, Any] = dict(hidlr_kwargs or {})
         self.probe_micro_batches = probe_micro_batches
-        self._hidlr_batches: list[Any] = []
-        self._hidlr_previous: list[Any] = []
         self._hidlr_model: nn.Module | None = None
         self._hidlr_stash_step = -1
         super().__init__(*args, **kwargs)
@@ -230,25 +246,25 @@ class HiDLRTrainer(Trainer):
     ) -> torch.Tensor:
         # global_step advances after every optimizer step (taken or skipped by a scaler):
         # a new value means a new step's first micro-batch
+        opt = self.hidlr_optimizer
         if self._hidlr_stash_step != self.state.global_step:
-            self._hidlr_previous = self._hidlr_batches or self._hidlr_previous
-            self._hidlr_batches = []
+            opt.previous_batches = opt.step_batches or opt.previous_batches
+            opt.step_batches = []
         elif self.probe_micro_batches == "last":
-            self._hidlr_batches = []
+            opt.step_batches = []
         self._hidlr_stash_step = self.state.global_step
-        self._hidlr_batches.append(inputs)
+        opt.step_batches.append(inputs)
         self._hidlr_model = model
-        opt = find_hidlr(self.optimizer)
-        if isinstance(opt, ClosureHiDLR):
-            opt.default_closure = self._probe_loss
+        opt.default_closure = self._probe_loss
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _probe_loss(self) -> torch.Tensor:
         """The mean loss of the model on the stashed micro-batches of the previous step (or of
         this one: see ``probe_batch``), without backward."""
-        batches, model = self._hidlr_batches, self._hidlr_model
-        if self.probe_batch == "previous" and self._hidlr_previous:
-            batches = self._hidlr_previous
+        opt, model = self.hidlr_optimizer, self._hidlr_model
+        batches = opt.step_batches
+        if self.probe_batch == "previous" and opt.previous_batches:
+            batches = opt.previous_batches
         if not batches or model is None:
             raise RuntimeError("HiDLRTrainer: no batch stashed for the probe closure")
         total = torch.zeros((), dtype=torch.float32)
