@@ -135,8 +135,8 @@ def assert_rates_moved(opt, initial) -> None:
 
 
 # The tests that train to a loss threshold probe the previous step's batch: this toy task starts
-# on a plateau where probes on an independent (the next) batch see no descent, and from 1e-3
-# they stay there for 40-80 steps, when a chaotic amount of float rounding decides (README).
+# on a plateau where probes on an independent (the next) batch see no descent: from 1e-3 they
+# were still on it after 40 steps, and when they leave it depends on float rounding (README).
 def test_trainer_full_model_trains_and_logs(tmp_path):
     t = trainer(tmp_path, probe_batch="previous")
     t.train()
