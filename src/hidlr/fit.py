@@ -154,7 +154,7 @@ def fit_quadratic(
     ]
     x = [_design_row(rows[i], groups, coupled) for i in keep]
     y = [ys[i] for i in keep]
-    if len(x) < len(x[0]):
+    if len(x) < len(_design_row([0.0] * n_groups, groups, coupled)):
         return empty
     coef = _lstsq(x, y)
     pred = [sum(c * v for c, v in zip(coef, r, strict=True)) for r in x]
