@@ -182,3 +182,12 @@ def test_python_least_squares_refuses_a_rank_deficient_design():
     assert _solve_householder(
         [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [1.0, 2.0, 3.0]
     ) == pytest.approx([1.0, 2.0])
+
+
+def test_a_group_whose_only_probes_move_a_dropped_group_is_not_fitted():
+    # group 0 moves only together with group 1, whose probe blew up: no row is left to fit
+    off = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    fit = fit_quadratic(
+        off, torch.tensor([1.0, float("nan")], dtype=torch.float64), [1.0, 1.0], coupled=True
+    )
+    assert all(math.isnan(v) for v in (*fit.b, *fit.r2, fit.intercept))

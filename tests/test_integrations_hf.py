@@ -250,14 +250,21 @@ def test_trainer_probes_a_fraction_of_the_batch(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("lora", "at", "probe_batch"),
-    [(False, 6, "next"), (True, 6, "next"), (False, 4, "next"), (False, 4, "previous")],
-    ids=["full", "lora", "before-probe", "before-probe-previous"],
+    ("lora", "at", "probe_batch", "n"),
+    [
+        (False, 6, "next", 256),
+        (True, 6, "next", 256),
+        (False, 4, "next", 256),
+        (False, 4, "previous", 256),
+        (False, 4, "next", 160),
+    ],
+    ids=["full", "lora", "before-probe", "before-probe-previous", "before-probe-epoch-end"],
 )
-def test_trainer_resume_is_bit_identical(tmp_path, lora, at, probe_batch):
+def test_trainer_resume_is_bit_identical(tmp_path, lora, at, probe_batch, n):
     # a checkpoint in the middle of a probe cycle (update_every=4, saved at step 6), or just
     # before a probe step: with probe_batch="previous" that one probes the micro-batches of
-    # the step before the checkpoint, which optimizer.pt keeps
+    # the step before the checkpoint, which optimizer.pt keeps; so does "next" when that step
+    # is the last of an epoch (160 examples: 5 steps of 2 x 16) and has no next one
     straight = trainer(
         tmp_path / "a",
         lora=lora,
@@ -266,19 +273,18 @@ def test_trainer_resume_is_bit_identical(tmp_path, lora, at, probe_batch):
         save_steps=at,
         probe_batch=probe_batch,
     )
+    straight.train_dataset = Tokens(n=n)
     straight.train()
     checkpoint = tmp_path / "a" / f"checkpoint-{at}"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert saved["hidlr"]["steps"] == at
-    if probe_batch == "previous":
-        assert set(saved) == {"base", "hidlr", "probe_batches"}
-        assert len(saved["probe_batches"]) == 2  # gradient_accumulation_steps micro-batches
-    else:
-        assert set(saved) == {"base", "hidlr"}
+    assert set(saved) == {"base", "hidlr", "probe_batches"}
+    assert len(saved["probe_batches"]) == 2  # gradient_accumulation_steps micro-batches
 
     resumed = trainer(
         tmp_path / "b", lora=lora, steps=12, save_strategy="no", probe_batch=probe_batch
     )
+    resumed.train_dataset = Tokens(n=n)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()

@@ -173,5 +173,17 @@ def test_probes_see_the_previous_batch_by_default(probe_batch):
     assert all(torch.equal(x, net.trained[0]) for x in first)  # nothing before step 0
     expected = net.trained[1] if probe_batch == "previous" else net.trained[2]
     assert all(torch.equal(x, expected) for x in second)
+    callback = trainer.callbacks[0]
+    if probe_batch == "previous":
+        assert torch.equal(callback._previous[0], net.trained[-1])  # kept for a checkpoint
+    seen: list[torch.Tensor] = []
+    net.probed = seen
+    again = _trainer(1)
+    again.callbacks = [callback]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again.fit(net, _loader())
+    first_batch = next(iter(_loader()))[0]
+    assert torch.equal(seen[0], first_batch)  # a new fit starts without a previous batch
     with pytest.raises(ValueError, match="probe_batch must be 'previous' or 'same', got 'next'"):
         HiDLRCallback(probe_batch="next")

@@ -46,9 +46,13 @@ from hidlr.optimizer import HiDLR
 
 try:
     from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.utilities import move_data_to_device
 except ImportError:  # pragma: no cover - the standalone package
     try:
         from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,assignment]
+        from pytorch_lightning.utilities import (  # type: ignore[no-redef]
+            move_data_to_device,
+        )
     except ImportError as exc:
         raise ImportError(
             "hidlr.integrations.lightning needs Lightning: pip install lightning"
@@ -139,7 +143,8 @@ class HiDLRCallback(Callback):
         fn = self.probe_loss
         seen = batch
         if self.probe_batch == "previous" and self._previous is not None:
-            seen = self._previous
+            # a batch restored from a checkpoint was loaded onto the CPU
+            seen = move_data_to_device(self._previous, pl_module.device)
 
         def probe() -> Any:
             return fn(pl_module, seen) if fn is not None else pl_module.probe_loss(seen)
@@ -154,6 +159,11 @@ class HiDLRCallback(Callback):
             opt.probe_closure = None
         if self.probe_batch == "previous":
             self._previous = batch
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # each fit starts afresh (before Lightning restores a checkpoint's state, if any)
+        if stage == "fit":
+            self._previous = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"previous_batch": self._previous} if self.probe_batch == "previous" else {}

@@ -70,7 +70,8 @@ class ClosureHiDLR(HiDLR):
     last step's) and :attr:`next_batches` (the next step's) are where :class:`HiDLRTrainer`
     keeps the batches its probes see. With :attr:`save_step_batches` the current step's are
     saved in :meth:`state_dict` (key ``"probe_batches"``), so a run resumed from a checkpoint
-    probes the batch an uninterrupted one would.
+    probes the batch an uninterrupted one would (in a multi-process run, the batches of the
+    process that saved the checkpoint).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
@@ -249,6 +250,12 @@ class HiDLRTrainer(Trainer):
 
     # -- the probe closure -----------------------------------------------------------------
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # let go of the last epoch's iterator (and its worker processes)
+            self._lookahead, self._lookahead_source = [], None
+
     def get_batch_samples(
         self, epoch_iterator: Any, num_batches: int, *args: Any
     ) -> tuple[list[Any], Any]:
@@ -276,7 +283,8 @@ class HiDLRTrainer(Trainer):
         # global_step advances after every optimizer step (taken or skipped by a scaler):
         # a new value means a new step's first micro-batch
         opt = self.hidlr_optimizer
-        opt.save_step_batches = self.probe_batch == "previous"
+        # "next" falls back on the previous step's batches at an epoch's end: keep them too
+        opt.save_step_batches = self.probe_batch != "same"
         if self._hidlr_stash_step != self.state.global_step:
             opt.previous_batches = opt.step_batches or opt.previous_batches
             opt.step_batches = []
