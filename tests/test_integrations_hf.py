@@ -233,6 +233,12 @@ def test_trainer_probes_the_next_steps_batch_by_default(tmp_path, probe_batch):
         HiDLRTrainer(model=bert(), probe_batch="own")
 
 
+def test_trainer_refuses_more_than_one_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(transformers.TrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match=r"HiDLRTrainer runs in one process \(world_size is 2\)"):
+        trainer(tmp_path)
+
+
 def test_trainer_probes_a_fraction_of_the_batch(tmp_path):
     t = trainer(tmp_path, steps=1, gradient_accumulation_steps=1)
     t.probe_fraction = 0.5

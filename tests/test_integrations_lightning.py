@@ -116,6 +116,12 @@ def test_needs_probe_loss():
         _trainer(1).fit(NoProbe(), _loader())
 
 
+def test_refuses_more_than_one_process(monkeypatch):
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match=r"HiDLRCallback runs in one process \(world_size is 2\)"):
+        _fit(1)
+
+
 def test_step_without_callback_explains():
     net = Net()
     opt = net.configure_optimizers()

@@ -29,10 +29,13 @@ step's batch, which the direction hardly depends on (the first step, which has n
 own). Lightning loads the next batch only after the step, so the previous one is the closest
 to it here: on the robustness benchmark (``hidlr bench robustness --probe-batch``) the next
 batch keeps 9 of 12 tasks within 5% of the grid-best rate, the previous one 6 and the
-gradient's own 5 (with diverged runs); see the README. The callback keeps that batch in its checkpoint state, so a resumed run probes what
-an uninterrupted one would. Gradient accumulation is not supported (the probe step would see a
-partial gradient), nor is manual optimisation (call ``opt.step(closure)`` yourself there, as with
-plain HiDLR).
+gradient's own 5 (with diverged runs); see the README. The callback keeps that batch in its
+checkpoint state, so a resumed run probes what an uninterrupted one would.
+
+Not supported: gradient accumulation (the probe step would see a partial gradient), several
+processes (each would fit its own rates on its own batch, and the replicas would drift apart;
+use :class:`hidlr.integrations.distributed.DistributedHiDLR` with manual optimisation) and
+manual optimisation itself (call ``opt.step(closure)`` yourself there, as with plain HiDLR).
 """
 
 from __future__ import annotations
@@ -136,6 +139,12 @@ class HiDLRCallback(Callback):
             )
         if getattr(trainer, "accumulate_grad_batches", 1) != 1:
             raise ValueError("HiDLRCallback does not support accumulate_grad_batches > 1")
+        if getattr(trainer, "world_size", 1) > 1:
+            raise ValueError(
+                f"HiDLRCallback runs in one process (world_size is {trainer.world_size}); for "
+                "several, use hidlr.integrations.distributed.DistributedHiDLR with manual "
+                "optimisation"
+            )
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int

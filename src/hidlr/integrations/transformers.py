@@ -33,7 +33,9 @@ with one param group per group of a grouping function (default: :func:`hidlr.by_
   args.learning_rate``), ``hidlr/r2/<group>`` and ``hidlr/accepted/<group>`` of the latest
   probe step, so every ``report_to`` logger (TensorBoard, W&B, ...) records them.
 
-DeepSpeed, FSDP and SageMaker manage their own optimizers and are not supported.
+DeepSpeed, FSDP and SageMaker manage their own optimizers and are not supported, nor is more
+than one process (``torchrun``): the probe losses would have to be averaged across processes,
+which :class:`hidlr.integrations.distributed.DistributedHiDLR` does in a loop of your own.
 """
 
 from __future__ import annotations
@@ -195,6 +197,14 @@ class HiDLRTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("HiDLRTrainer supports neither DeepSpeed nor FSDP")
+        if self.args.world_size > 1:
+            # each process would fit its own rates on its own probe batch, and the replicas
+            # would drift apart: the probe losses must be averaged (DistributedHiDLR)
+            raise ValueError(
+                f"HiDLRTrainer runs in one process (world_size is {self.args.world_size}); "
+                "for several, use hidlr.integrations.distributed.DistributedHiDLR in a "
+                "training loop of your own"
+            )
 
     # -- the optimizer ---------------------------------------------------------------------
 
