@@ -152,6 +152,8 @@ def test_run_overhead_end_to_end(tmp_path):
     assert [b["model"] for b in options["batched"]] == ["mlp", "transformer", "cnn"]
     assert "error" in options["batched"][2]  # BatchNorm's running statistics cannot be vmapped
     assert options["batched"][0]["same_losses"] is True
+    assert [m["model"] for m in options["inference_mode"]] == ["mlp", "transformer", "cnn"]
+    assert all(m["no_grad_s"] > 0 and m["inference_mode_s"] > 0 for m in options["inference_mode"])
     assert options["quality"]["variants"][0]["valid_loss_vs_default"] == 1.0
     assert result["config"]["threads"] == 1
     assert len(result["speed"]) == len(ks) * len(phis) * 2  # two policies

@@ -483,6 +483,10 @@ def run_overhead(
             result["probe_options"]["batched"] = [
                 po.batched_probe_speed(name, size=size) for name in MODELS
             ]
+            say("cheaper probing: forward passes under inference mode")
+            result["probe_options"]["inference_mode"] = [
+                po.inference_mode_speed(name, size=size) for name in MODELS
+            ]
             say("cheaper probing: rates against the default fit")
             result["probe_options"]["quality"] = po.rate_quality(
                 steps=60 if quick else 200, size=size

@@ -46,6 +46,7 @@ __all__ = [
     "ProbeVariant",
     "batched_probe_speed",
     "format_probe_options",
+    "inference_mode_speed",
     "rate_quality",
     "time_variants",
 ]
@@ -204,6 +205,31 @@ def batched_probe_speed(
     seq, vec = statistics.median(times["one_by_one"]), statistics.median(times["vmap"])
     out.update(same_losses=bool(same), one_by_one_s=seq, vmap_s=vec, speedup=seq / vec)
     return out
+
+
+def inference_mode_speed(model: str, *, repeats: int = 15, size: str = "full") -> dict[str, Any]:
+    """The closure's forward pass under ``torch.no_grad`` (what the probes use) and under
+    ``torch.inference_mode``, interleaved, medians over ``repeats``."""
+    import time
+
+    w = make_workload(model, size=size)
+    times: dict[str, list[float]] = {"no_grad": [], "inference_mode": []}
+    modes = (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode))
+    for i in range(repeats + 1):
+        for name, mode in modes if i % 2 else modes[::-1]:
+            with mode():
+                t0 = time.perf_counter()
+                w.loss(0)
+                if i:  # the first round warms up
+                    times[name].append(time.perf_counter() - t0)
+    w.reset()
+    no_grad, inference = (statistics.median(times[k]) for k in ("no_grad", "inference_mode"))
+    return {
+        "model": model,
+        "no_grad_s": no_grad,
+        "inference_mode_s": inference,
+        "speedup": no_grad / inference,
+    }
 
 
 # -- quality of the fitted rates -------------------------------------------------------------
@@ -379,6 +405,11 @@ def format_probe_options(result: dict[str, Any]) -> str:
                 f"{1e3 * b['one_by_one_s']:.1f} ms one by one (speed-up {b['speedup']:.2f}x, "
                 f"same losses: {b['same_losses']})"
             )
+    for m in result.get("inference_mode", []):
+        lines.append(
+            f"forward under inference_mode, {m['model']}: {1e3 * m['inference_mode_s']:.2f} ms vs "
+            f"{1e3 * m['no_grad_s']:.2f} ms under no_grad (speed-up {m['speedup']:.3f}x)"
+        )
     quality = result.get("quality")
     if quality:
         lines.append("")
