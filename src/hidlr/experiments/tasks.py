@@ -9,7 +9,7 @@ other half (``split="heldout"``) only reports.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from hidlr.experiments.models import (
     SmallCNN,
     TokenTransformer,
 )
+from hidlr.groups import by_depth, by_lora, by_patterns, by_subnetwork
 
 __all__ = ["TASKS", "Problem", "Task", "grid_3_per_decade"]
 
@@ -71,13 +72,9 @@ def _split(
     return (x[n_val:], y[n_val:]), (x[:n_val], y[:n_val])
 
 
-def _named(model: nn.Module, parts: Mapping[str, Sequence[torch.Tensor]]) -> list[dict[str, Any]]:
-    return [{"params": list(ps), "name": name} for name, ps in parts.items()]
-
-
-def _per_layer(model: nn.Module) -> list[dict[str, Any]]:
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return [{"params": list(m.parameters()), "name": f"layer{i}"} for i, m in enumerate(layers)]
+def _of_type(model: nn.Module, kind: type[nn.Module]) -> Callable[[str, torch.Tensor], bool]:
+    """A :func:`hidlr.by_patterns` predicate: the parameter belongs to a ``kind`` module."""
+    return lambda name, _: isinstance(model.get_submodule(name.rpartition(".")[0]), kind)
 
 
 def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -103,7 +100,7 @@ def friedman_mlp(seed: int) -> Problem:
     )[:, None] / 5
     torch.manual_seed(seed)
     model = MLP([10, 64, 64, 1])
-    return Problem(model, _per_layer(model), *_split(x, y, 600), _mse)
+    return Problem(model, by_depth(model), *_split(x, y, 600), _mse)
 
 
 def spirals_mlp(seed: int) -> Problem:
@@ -117,7 +114,7 @@ def spirals_mlp(seed: int) -> Problem:
     )
     torch.manual_seed(seed)
     model = MLP([2, 64, 64, 3], nn.Tanh)
-    return Problem(model, _per_layer(model), *_split(x, cls, 600), _ce)
+    return Problem(model, by_depth(model), *_split(x, cls, 600), _ce)
 
 
 def bars_cnn(seed: int) -> Problem:
@@ -141,9 +138,14 @@ def bars_cnn(seed: int) -> Problem:
     cls = torch.where(flip, torch.randint(0, 4, (n,), generator=g), cls)
     torch.manual_seed(seed)
     model = SmallCNN(4)
-    convs = [p for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()]
-    norms = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()]
-    groups = _named(model, {"conv": convs, "norm": norms, "head": list(model.head.parameters())})
+    groups = by_patterns(
+        model,
+        {
+            "conv": _of_type(model, nn.Conv2d),
+            "norm": _of_type(model, nn.BatchNorm2d),
+            "head": r"^head\.",
+        },
+    )
     return Problem(model, groups, *_split(img, cls, 400), _ce)
 
 
@@ -157,20 +159,14 @@ def tokens_transformer(seed: int) -> Problem:
     label = torch.where(flip, torch.randint(0, 3, (n,), generator=g), label)
     torch.manual_seed(seed)
     model = TokenTransformer(vocab, 3)
-    enc = model.encoder.layers[0]
-    attention = list(enc.self_attn.parameters())
-    feedforward = list(enc.linear1.parameters()) + list(enc.linear2.parameters())
-    norms = (
-        list(enc.norm1.parameters()) + list(enc.norm2.parameters()) + list(model.norm.parameters())
-    )
-    groups = _named(
+    groups = by_patterns(
         model,
         {
-            "embedding": [model.embed.weight, model.pos],
-            "attention": attention,
-            "feedforward": feedforward,
-            "norm": norms,
-            "head": list(model.head.parameters()),
+            "embedding": r"^(embed\.weight|pos)$",
+            "attention": r"\.self_attn\.",
+            "feedforward": r"\.linear[12]\.",
+            "norm": _of_type(model, nn.LayerNorm),
+            "head": r"^head\.",
         },
     )
     return Problem(model, groups, *_split(tokens, label, 600), _ce)
@@ -194,10 +190,7 @@ def nam_additive(seed: int) -> Problem:
     x, y = _nam_data(_gen(105), 3000)
     torch.manual_seed(seed)
     model = NAM(10, hidden=16)
-    groups = [
-        {"params": list(f.parameters()), "name": f"f{j}"} for j, f in enumerate(model.features)
-    ]
-    groups.append({"params": [model.bias], "name": "bias"})
+    groups = by_subnetwork(model, "features", rest="bias")  # one shape function each
     return Problem(model, groups, *_split(x, y, 600), _mse)
 
 
@@ -210,9 +203,7 @@ def moe_2d(seed: int) -> Problem:
     y = torch.where(flip, 1 - y, y)
     torch.manual_seed(seed)
     model = MixtureOfExperts(2, 2, n_experts=6, hidden=32)
-    groups = _named(
-        model, {"gate": list(model.gate.parameters()), "experts": list(model.experts.parameters())}
-    )
+    groups = by_patterns(model, {"gate": r"^gate\.", "experts": r"^experts\."})
     return Problem(model, groups, *_split(x, y, 600), _ce)
 
 
@@ -233,9 +224,9 @@ def multihead(seed: int) -> Problem:
     y = z * scales / scales.mean() + 0.05 * torch.randn(n, 4, generator=g)
     torch.manual_seed(seed)
     model = MultiHead(8, 4, hidden=32)
-    parts = {"trunk": list(model.trunk.parameters())}
-    parts.update({f"head{i}": list(h.parameters()) for i, h in enumerate(model.heads)})
-    return Problem(model, _named(model, parts), *_split(x, y, 1000), _mse)
+    heads = {f"head{i}": rf"^heads\.{i}\." for i in range(4)}
+    groups = by_patterns(model, {"trunk": r"^trunk\.", **heads})
+    return Problem(model, groups, *_split(x, y, 1000), _mse)
 
 
 def lora_regression(seed: int) -> Problem:
@@ -250,7 +241,7 @@ def lora_regression(seed: int) -> Problem:
     with torch.no_grad():
         base.weight.copy_(w_pre)
     model = LoRALinear(base, rank=r)
-    groups = _named(model, {"lora_A": [model.lora_A], "lora_B": [model.lora_B]})
+    groups = by_lora(model)  # lora_A, lora_B (the frozen base weight is left out)
     return Problem(model, groups, *_split(x, y, 400), _mse)
 
 
@@ -262,12 +253,8 @@ def logistic_wide(seed: int) -> Problem:
     y = (x @ w / 10 + 0.5 * torch.randn(n, generator=g) > 0.3).long()
     torch.manual_seed(seed)
     model = nn.Linear(d, 2)
-    return Problem(
-        model,
-        _named(model, {"weight": [model.weight], "bias": [model.bias]}),
-        *_split(x, y, 1000),
-        _ce,
-    )
+    groups = by_patterns(model, {"weight": r"^weight$", "bias": r"^bias$"})
+    return Problem(model, groups, *_split(x, y, 1000), _ce)
 
 
 def autoencoder(seed: int) -> Problem:
@@ -277,9 +264,7 @@ def autoencoder(seed: int) -> Problem:
     x = torch.tanh(codes @ torch.randn(4, 20, generator=g)) + 0.05 * torch.randn(n, 20, generator=g)
     torch.manual_seed(seed)
     model = nn.Sequential(MLP([20, 32, 6]), nn.Tanh(), MLP([6, 32, 20]))
-    groups = _named(
-        model, {"encoder": list(model[0].parameters()), "decoder": list(model[2].parameters())}
-    )
+    groups = by_patterns(model, {"encoder": r"^0\.", "decoder": r"^2\."})
     return Problem(model, groups, *_split(x, x.clone(), 400), _mse)
 
 
@@ -291,7 +276,7 @@ def deep_mlp(seed: int) -> Problem:
     x = centers[cls] + torch.randn(n, d, generator=g) * 1.2
     torch.manual_seed(seed)
     model = MLP([d, 64, 64, 64, 64, 64, k])
-    return Problem(model, _per_layer(model), *_split(x, cls, 800), _ce)
+    return Problem(model, by_depth(model), *_split(x, cls, 800), _ce)
 
 
 class _GRURegressor(nn.Module):
@@ -315,10 +300,7 @@ def gru_sequence(seed: int) -> Problem:
     x, y = wave[:, :length, None], wave[:, length:]
     torch.manual_seed(seed)
     model = _GRURegressor()
-    groups = _named(
-        model, {"gru": list(model.gru.parameters()), "head": list(model.head.parameters())}
-    )
-    return Problem(model, groups, *_split(x, y, 400), _mse)
+    return Problem(model, by_depth(model), *_split(x, y, 400), _mse)  # gru, head
 
 
 TASKS: dict[str, Task] = {
