@@ -134,7 +134,8 @@ class HiDLR(Optimizer):
     a useful size while the schedule is small.
 
     The closure passed to :meth:`step` returns the loss at the current weights and must not
-    call ``backward``; it decides the probes' batch (the gradient's own, or another). Probes
+    call ``backward``; it decides the probes' batch. Use the next training batch
+    (:func:`hidlr.with_probe_batch`): fits on the gradient's own batch are too long. Probes
     run under ``torch.no_grad``, all see the random-number state the training step would
     see next (common random numbers for dropout), do not advance it, and every buffer that
     a module changed in place during probing (BatchNorm statistics) is restored.
