@@ -10,21 +10,20 @@ import torch
 from torch import nn
 
 from hidlr import HiDLR
-from hidlr.experiments.overhead import (
+from hidlr.experiments.overhead import expected_speed_vs_limit, run_overhead
+from hidlr.experiments.overhead_breakdown import _memory, allocation_peak
+from hidlr.experiments.overhead_report import format_overhead
+from hidlr.experiments.overhead_workloads import (
     MODELS,
     Workload,
-    expected_speed_vs_limit,
     forwards_per_probe_step,
     implementation_limit,
     make_base,
     make_workload,
     paper_bound,
-    run_overhead,
     snapshot_bytes,
     split_groups,
 )
-from hidlr.experiments.overhead_breakdown import _memory, allocation_peak
-from hidlr.experiments.overhead_report import format_overhead
 from hidlr.experiments.probe_options import VARIANTS, ProbeVariant
 
 

@@ -55,38 +55,18 @@ from hidlr.experiments.overhead_workloads import (
     POLICIES,
     TABLE4_K,
     TABLE4_PHIS,
-    BNConvNet,
     Workload,
     forwards_per_probe_step,
     implementation_limit,
     make_base,
     make_workload,
     paper_bound,
-    snapshot_bytes,
     split_groups,
     trainable_bytes,
 )
 from hidlr.optimizer import HiDLR
 
-__all__ = [
-    "BASES",
-    "K_VALUES",
-    "MODELS",
-    "PHI_VALUES",
-    "POLICIES",
-    "BNConvNet",
-    "Workload",
-    "expected_speed_vs_limit",
-    "forwards_per_probe_step",
-    "implementation_limit",
-    "make_base",
-    "make_workload",
-    "paper_bound",
-    "run_overhead",
-    "snapshot_bytes",
-    "split_groups",
-    "trainable_bytes",
-]
+__all__ = ["expected_speed_vs_limit", "run_overhead"]
 
 # -- measurement primitives ------------------------------------------------------------------
 

@@ -13,13 +13,10 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from hidlr.experiments.overhead import (
+from hidlr.experiments.overhead import _backward_and_step, _forward, _train_step, _warm
+from hidlr.experiments.overhead_workloads import (
     TABLE4_K,
     Workload,
-    _backward_and_step,
-    _forward,
-    _train_step,
-    _warm,
     forwards_per_probe_step,
     make_base,
     snapshot_bytes,
