@@ -290,11 +290,11 @@ class HiDLRTrainer(Trainer):
         inputs: dict[str, Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        # global_step advances after every optimizer step (taken or skipped by a scaler):
-        # a new value means a new step's first micro-batch
         opt = self.hidlr_optimizer
         # "next" falls back on the previous step's batches at an epoch's end: keep them too
         opt.save_step_batches = self.probe_batch != "same"
+        # global_step advances after every optimizer step (taken or skipped by a scaler):
+        # a new value means a new step's first micro-batch
         if self._hidlr_stash_step != self.state.global_step:
             opt.previous_batches = opt.step_batches or opt.previous_batches
             opt.step_batches = []
