@@ -161,6 +161,76 @@ def test_robustness_benchmark_tiny(tmp_path):
     assert len(path.read_text().splitlines()) == n_lines  # resumed: nothing ran twice
 
 
+def _record(method, seed, lr, role, val_loss, diverged=False):
+    return {
+        "key": f"t|{method}|{seed}|{lr}|{role}",
+        "role": role,
+        "task": "friedman_mlp",
+        "method": method,
+        "seed": seed,
+        "lr": lr,
+        "val_loss": val_loss,
+        "diverged": diverged,
+        "seconds": 0.0,
+        "lrs": [],
+    }
+
+
+def test_sweep_spread_is_over_seed_means(tmp_path):
+    records = [_record("constant", s, 0.1, "grid", 1.0) for s in (0, 1)]
+    records += [
+        _record("hidlr", 0, 0.01, "default", 1.0),
+        _record("hidlr", 1, 0.01, "default", 1.5),
+    ]
+    # first seed alone: 1.0 vs 2.0 (100%); means over both seeds: 1.5 vs 1.65 (10%)
+    sweep = {(0, 1e-5): 1.0, (1, 1e-5): 2.0, (0, 1e-1): 2.0, (1, 1e-1): 1.3}
+    records += [_record("hidlr", s, lr, "sweep", v) for (s, lr), v in sweep.items()]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = summarize(path)["tasks"]["friedman_mlp"]["sweep"]
+    assert row["val_losses"] == {1e-5: pytest.approx(1.5), 1e-1: pytest.approx(1.65)}
+    assert row["spread"] == pytest.approx(0.1)
+    assert row["spread_first_seed"] == pytest.approx(1.0)
+    assert row["seed_spread"] == pytest.approx(0.5)
+    assert row["seeds"] == 2 and row["diverged"] == 0
+    records.append(_record("hidlr", 2, 1e-1, "sweep", math.inf, diverged=True))
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = summarize(path)["tasks"]["friedman_mlp"]["sweep"]
+    assert row["spread"] == math.inf and row["spread_first_seed"] == pytest.approx(1.0)
+    assert row["diverged"] == 1 and row["seeds"] == 2
+
+
+def test_benchmark_refuses_to_mix_settings(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"hidlr_options": {}, "probe_batch": "next", "schedule": "constant", "steps_scale": 1.0}
+        )
+    )
+    with pytest.raises(ValueError, match=r"other settings \(hidlr_options, probe_batch"):
+        run_benchmark(
+            tmp_path, tasks=["logistic_wide"], hidlr_options={"policy": "paper"}, probe_batch="same"
+        )
+    assert not (tmp_path / "runs.jsonl").exists()  # refused before running anything
+
+
+def test_cli_robustness_passes_the_policy(monkeypatch, tmp_path, capsys):
+    from hidlr import cli
+    from hidlr.experiments import robustness
+
+    seen = {}
+
+    def fake(out, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(robustness, "run_benchmark", fake)
+    args = ["bench", "robustness", "--out", str(tmp_path), "--policy", "paper", "--no-sweep"]
+    assert cli.main(args) == 2
+    assert seen["hidlr_options"] == {"policy": "paper"} and seen["sweep"] is False
+    assert "stop here" in capsys.readouterr().err
+    assert cli.main(args[:-3]) == 2 and seen["hidlr_options"] is None
+
+
 def test_tasks_are_well_formed():
     assert len(TASKS) >= 10
     assert {t.split for t in TASKS.values()} == {"tune", "heldout"}

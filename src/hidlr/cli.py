@@ -62,17 +62,22 @@ def _bench_robustness(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    path = run_benchmark(
-        args.out,
-        tasks=tasks,
-        seeds=tuple(range(args.seeds)),
-        sweep=not args.no_sweep,
-        steps_scale=args.steps_scale,
-        probe_batch=args.probe_batch,
-        schedule=args.schedule,
-        workers=args.workers,
-        progress=progress,
-    )
+    try:
+        path = run_benchmark(
+            args.out,
+            tasks=tasks,
+            seeds=tuple(range(args.seeds)),
+            sweep=not args.no_sweep,
+            steps_scale=args.steps_scale,
+            probe_batch=args.probe_batch,
+            schedule=args.schedule,
+            hidlr_options={"policy": args.policy} if args.policy != "robust" else None,
+            workers=args.workers,
+            progress=progress,
+        )
+    except ValueError as err:  # a results folder made with other settings
+        print(err, file=sys.stderr)
+        return 2
     summary = summarize(path)
     (path.parent / "summary.json").write_text(json.dumps(summary, indent=1))
     text = format_summary(summary)
@@ -185,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("constant", "cosine", "linear"),
         default="constant",
         help="a decay multiplying Hi-DLR's and GeN's adapted rates over each run (default: none)",
+    )
+    rob.add_argument(
+        "--policy",
+        choices=("robust", "paper"),
+        default="robust",
+        help="Hi-DLR's and GeN's rate policy (default: robust; paper: Algorithm 1 as written)",
     )
     rob.add_argument("--workers", type=int, default=2, help="processes (default: 2)")
     rob.set_defaults(func=_bench_robustness)

@@ -2,7 +2,8 @@
 
 For every task and seed: a 7-point grid over a constant uniform rate (best by validation
 loss), Prodigy, D-Adaptation, DoG, GeN and Hi-DLR with default options; plus a sweep of
-Hi-DLR's initial rate over 1e-5 .. 1e-1. One JSON line per run in ``runs.jsonl`` (finished
+Hi-DLR's initial rate over 1e-5 .. 1e-1 (every seed at every initial rate, so that the sweep's
+spread compares means over the same seeds as every other number and is not one seed's noise). One JSON line per run in ``runs.jsonl`` (finished
 runs are skipped when the benchmark is run again), and a summary built from that file only.
 """
 
@@ -55,8 +56,8 @@ def jobs_for(tasks: Sequence[str], seeds: Sequence[int], sweep: bool = True) -> 
             jobs += [Job(name, "constant", seed, lr, "grid") for lr in task.grid]
             jobs += [Job(name, m, seed, 1.0, "free") for m in FREE_METHODS]
             jobs += [Job(name, m, seed, task.grid[3], "default") for m in ("gen", "hidlr")]
-        if sweep:
-            jobs += [Job(name, "hidlr", seeds[0], lr, "sweep") for lr in INIT_SWEEP]
+            if sweep:
+                jobs += [Job(name, "hidlr", seed, lr, "sweep") for lr in INIT_SWEEP]
     return jobs
 
 
@@ -97,10 +98,34 @@ def run_benchmark(
     workers: int = 2,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
 ) -> Path:
-    """Run what is missing from ``out/runs.jsonl``; returns that file's path."""
+    """Run what is missing from ``out/runs.jsonl``; returns that file's path.
+
+    The settings that change a run (Hi-DLR's options, the probe batch, the schedule, the step
+    scale) are kept in ``out/config.json``; resuming a folder with other settings is refused
+    rather than mixing runs of two configurations in one summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
+    config = {
+        "hidlr_options": dict(hidlr_options or {}),
+        "probe_batch": probe_batch,
+        "schedule": schedule,
+        "steps_scale": steps_scale,
+    }
+    config_path = out / "config.json"
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        if saved != config:
+            changed = sorted(
+                k for k in config.keys() | saved.keys() if saved.get(k) != config.get(k)
+            )
+            raise ValueError(
+                f"{out} holds runs made with other settings ({', '.join(changed)}: "
+                f"{ {k: saved.get(k) for k in changed} } there, { {k: config.get(k) for k in changed} } "
+                "now); choose another output folder or the same settings"
+            )
+    else:
+        config_path.write_text(json.dumps(config, indent=1) + "\n")
     done = (
         {json.loads(line)["key"] for line in path.read_text().splitlines()}
         if path.exists()
@@ -133,6 +158,32 @@ def run_benchmark(
 def _mean(values: Iterable[float]) -> float:
     vals = list(values)
     return statistics.fmean(vals) if vals and all(math.isfinite(v) for v in vals) else math.inf
+
+
+def _spread(values: Sequence[float]) -> float:
+    """``max / min - 1``; infinite if any value is (a diverged run)."""
+    return max(values) / min(values) - 1 if all(math.isfinite(v) for v in values) else math.inf
+
+
+def _sweep_row(sweep: list[dict[str, Any]], default: list[dict[str, Any]]) -> dict[str, Any]:
+    """The initial-rate sweep of one task: the validation loss per initial rate (mean over the
+    seeds that ran it), the spread of those means, the same spread on the first seed alone,
+    and, for scale, the spread over seeds of the default runs (one initial rate)."""
+    by_lr: dict[float, dict[int, float]] = {}
+    for r in sweep:
+        by_lr.setdefault(r["lr"], {})[r["seed"]] = r["val_loss"] if not r["diverged"] else math.inf
+    first = min(r["seed"] for r in sweep)
+    means = {lr: _mean(v.values()) for lr, v in by_lr.items()}
+    return {
+        "val_losses": means,
+        "seeds": min(len(v) for v in by_lr.values()),
+        "spread": _spread(list(means.values())),
+        "spread_first_seed": _spread([v[first] for v in by_lr.values() if first in v]),
+        "seed_spread": _spread([r["val_loss"] if not r["diverged"] else math.inf for r in default])
+        if len(default) >= 2
+        else math.nan,
+        "diverged": sum(r["diverged"] for r in sweep),
+    }
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
@@ -172,13 +223,8 @@ def summarize(path: str | Path) -> dict[str, Any]:
             }
         sweep = [r for r in rs if r["role"] == "sweep"]
         if sweep:
-            vals = [r["val_loss"] if not r["diverged"] else math.inf for r in sweep]
-            finite = [v for v in vals if math.isfinite(v)]
-            row["sweep"] = {
-                "val_losses": dict(zip([r["lr"] for r in sweep], vals, strict=True)),
-                "spread": (max(finite) / min(finite) - 1) if len(finite) == len(vals) else math.inf,
-                "diverged": sum(r["diverged"] for r in sweep),
-            }
+            default = [r for r in rs if r["method"] == "hidlr" and r["role"] == "default"]
+            row["sweep"] = _sweep_row(sweep, default)
         tasks[name] = row
     return {"tasks": tasks, "summary": _headline(tasks)}
 
@@ -198,6 +244,9 @@ def _headline(tasks: dict[str, Any]) -> dict[str, Any]:
             "sweep_within_10pct": sum(
                 r.get("sweep", {}).get("spread", math.inf) <= 0.10 for r in rows
             ),
+            "sweep_within_10pct_first_seed": sum(
+                r.get("sweep", {}).get("spread_first_seed", math.inf) <= 0.10 for r in rows
+            ),
         }
         for m in (*FREE_METHODS, "gen"):
             entry[f"hidlr_beats_{m}"] = sum(
@@ -210,12 +259,14 @@ def _headline(tasks: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """A plain-text table: one line per task, then the headline per split."""
+    """A plain-text table: one line per task, then the headline per split. ``sweep`` is the
+    spread (max / min - 1) of the mean validation loss over the initial rates, ``seeds`` the
+    spread over seeds of the default runs: the noise the sweep's spread is to be read against."""
     methods = ("prodigy", "dadaptation", "dog", "gen", "hidlr")
     lines = [
         f"{'task':<20} {'split':<8} {'grid best':>10} {'lr':>8}  "
         + " ".join(f"{m:>12}" for m in methods)
-        + "   sweep"
+        + "   sweep   seeds"
     ]
     for name, row in summary["tasks"].items():
         cells = []
@@ -227,6 +278,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                 else f"{info['ratio']:>10.3f}{'D' * min(info['diverged'], 2):<2}"
             )
         sweep = row.get("sweep", {}).get("spread")
+        seeds = row.get("sweep", {}).get("seed_spread", math.nan)
         lines.append(
             f"{name:<20} {row['split']:<8} {row['grid_best']:>10.4g} {row['grid_best_lr']:>8.2g}  "
             + " ".join(cells)
@@ -237,12 +289,14 @@ def format_summary(summary: dict[str, Any]) -> str:
                 if sweep is not None
                 else ""
             )
+            + (f"  {seeds * 100:5.1f}%" if math.isfinite(seeds) else "")
         )
     for split, e in summary["summary"].items():
         lines.append(
             f"[{split}] Hi-DLR within 5% of grid-best on {e['hidlr_within_5pct']}/{e['tasks']} tasks; "
             f"diverged runs {e['hidlr_diverged_runs']}; initial-rate sweep within 10% on "
-            f"{e['sweep_within_10pct']}/{e['tasks']}; beats Prodigy {e['hidlr_beats_prodigy']}, "
+            f"{e['sweep_within_10pct']}/{e['tasks']} (first seed alone: "
+            f"{e['sweep_within_10pct_first_seed']}/{e['tasks']}); beats Prodigy {e['hidlr_beats_prodigy']}, "
             f"D-Adaptation {e['hidlr_beats_dadaptation']}, DoG {e['hidlr_beats_dog']}, GeN {e['hidlr_beats_gen']}"
         )
     return "\n".join(lines)
