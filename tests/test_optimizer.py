@@ -404,6 +404,79 @@ def test_zero_gradient_missing_grad_and_empty_group_are_skipped_without_probes()
     assert z.item() == 1.0 and n.item() == 5.0 and n.grad is None
 
 
+def test_a_rate_too_small_to_move_the_weights_doubles_until_they_move():
+    w = nn.Parameter(torch.tensor([1.0, -1.0]))  # float32: a step below 6e-8 changes nothing
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return ((w - 3.0) ** 2).sum()
+
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1), update_every=1)
+    opt.param_groups[0].update(hidlr_lr=1e-9, hidlr_diag_lr=1e-9)  # as after repeated cuts
+    stalled = 0
+    for _ in range(40):
+        opt.zero_grad()
+        closure().backward()
+        calls.clear()
+        before = w.detach().clone()
+        opt.step(closure)
+        rec = opt.history[-1].groups[0]
+        if rec.reason != "stalled":
+            break
+        stalled += 1
+        assert calls == [] and torch.equal(w, before)  # no probe spent, nothing moved
+        assert (rec.action, rec.lr_before, rec.lr_after) == ("grow", opt.lrs[0] / 2, opt.lrs[0])
+    # -1 moves toward 0 once its step, 8 * 1e-9 * 2^k, exceeds half the float32 spacing just
+    # above -1 (2^-25 = 3e-8): at k = 2, after two stalled steps; then it is probed again
+    assert stalled == 2 and rec.lr_before == pytest.approx(4e-9, rel=1e-12)
+    assert rec.reason != "stalled" and len(calls) == 4 and not torch.equal(w, before)
+
+
+def test_the_paper_policy_leaves_a_stalled_rate_alone():
+    w = nn.Parameter(torch.tensor([1.0, -1.0]))
+    opt = paper(torch.optim.SGD([w], lr=0.1), update_every=1)
+    opt.param_groups[0].update(hidlr_lr=1e-9, hidlr_diag_lr=1e-9)
+    for _ in range(3):
+        opt.zero_grad()
+        ((w - 3.0) ** 2).sum().backward()
+        opt.step(lambda: ((w - 3.0) ** 2).sum())
+    assert [r.groups[0].reason for r in opt.history] == ["zero_direction"] * 3
+    assert opt.lrs == [1e-9] and w.tolist() == [1.0, -1.0]
+
+
+def test_a_stalled_group_grows_no_further_than_its_largest_rate():
+    class SkipSecond(torch.optim.SGD):  # a base optimizer that never moves group 1
+        def step(self, closure=None):
+            lr = self.param_groups[1]["lr"]
+            self.param_groups[1]["lr"] = 0.0
+            try:
+                super().step()
+            finally:
+                self.param_groups[1]["lr"] = lr
+
+    a, b = (
+        nn.Parameter(torch.tensor([1.0], dtype=F64)),
+        nn.Parameter(torch.tensor([1.0], dtype=F64)),
+    )
+
+    def closure():
+        return ((a - 3.0) ** 2).sum() + ((b - 3.0) ** 2).sum()
+
+    opt = hidlr.HiDLR(SkipSecond([{"params": [a]}, {"params": [b]}], lr=0.1), update_every=1)
+    opt.param_groups[1].update(hidlr_lr=0.03, hidlr_diag_lr=0.03)
+    lrs = []
+    for _ in range(4):
+        opt.zero_grad()
+        closure().backward()
+        opt.step(closure)
+        lrs.append(opt.lrs[1])
+        assert opt.history[-1].groups[1].reason == "stalled"
+    assert lrs == pytest.approx([0.06, 0.1, 0.1, 0.1])  # 0.1: the initial rate, its largest
+    assert [r.groups[1].action for r in opt.history] == ["grow", "grow", "keep", "keep"]
+    assert b.item() == 1.0
+
+
 def test_gradient_accumulation_and_clipping():
     h, q = spd(5, 1)
     w = nn.Parameter(torch.randn(5, dtype=F64))

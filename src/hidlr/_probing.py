@@ -178,6 +178,16 @@ class GroupMover:
             return torch.tensor(not same)
         return torch.stack([torch.ne(p, w).any() for p, w in zip(params, w1, strict=True)]).any()
 
+    def pushed(self) -> torch.Tensor:
+        """Whether any gradient of the group has a non-zero element (a bool scalar tensor): with
+        :meth:`moved` false, the rate is too small for the step to change the weights."""
+        grads = [_local(p.grad, self._dtensor) for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.bool)
+        if all(g.device.type == "cpu" for g in grads):
+            return torch.tensor(any(bool(g.any()) for g in grads))
+        return torch.stack([g.ne(0).any() for g in grads]).any()
+
     def _unswap(self) -> None:
         if self._swapped:
             _exchange(self.params, self.w1, self.plan)

@@ -15,6 +15,7 @@ __all__ = ["GroupProbe", "ProbeRecord", "history_rows", "save_history"]
 REASONS = (
     "accepted",
     "zero_direction",
+    "stalled",
     "empty_group",
     "frozen",
     "nonfinite_probe",

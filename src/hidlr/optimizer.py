@@ -115,7 +115,8 @@ class HiDLR(Optimizer):
             and climbs by up to x1.5 per update. It grows a rate whose probes cannot resolve
             curvature, counts probes that ascend as a proposal of half the rate, halves it
             when they blow up, cuts it 10x when the loss spikes (4x its recent floor, or 4x
-            the last probe step's), and with two or more groups measures the combined step
+            the last probe step's), doubles a rate too small for the step to change the
+            weights at all (up to the group's largest rate so far), and with two or more groups measures the combined step
             with one more forward pass (the coupling the diagonal model misses). Use
             ``"paper"`` to reproduce the paper; ``"robust"`` never diverged on the robustness
             benchmark (see the README). For short runs, start within about 10x of the right
@@ -366,6 +367,7 @@ class HiDLR(Optimizer):
         group.setdefault("hidlr_ref_lr", float(ref))
         group.setdefault("hidlr_lr", float(ref))
         group.setdefault("hidlr_diag_lr", float(ref))
+        group.setdefault("hidlr_peak_lr", float(ref))
         group.setdefault("hidlr_updates", 0)
         group.setdefault("hidlr_influence", 0.0)
         group.setdefault("hidlr_probes", 0)
@@ -441,8 +443,13 @@ class HiDLR(Optimizer):
         n = len(groups)
         rates = [g["hidlr_lr"] for g in groups]
         used = [self._effective_lr(g) for g in groups]
-        moved = self._moved_groups(movers)
+        moved, pushed = self._step_flags(movers)
         active = [k for k in range(n) if moved[k]]
+        # a gradient but no change: the rate fell below what the weights' float format can
+        # resolve (repeated cuts); it doubles until the group moves (then the fits take over
+        # again), never beyond the largest rate the group has had
+        robust = opts["policy"] == "robust"
+        stalled = [k for k in range(n) if robust and not moved[k] and pushed[k]]
         rows: list[dict[int, float]] = []
         values: list[torch.Tensor] = []
         devices = list({p.device for m in movers for p in m.params})
@@ -512,6 +519,12 @@ class HiDLR(Optimizer):
                     coupling = log_average(coupling, clipped, n_coupling, opts["smoothing"])
                     n_coupling += 1
         new_rates = [coupling * diag[k] if k in active else rates[k] for k in range(n)]
+        peaks = [g.get("hidlr_peak_lr", g["hidlr_lr"]) for g in groups]
+        for k in stalled:
+            growth = min(2.0, peaks[k] / rates[k])
+            if growth > 1.0:
+                new_rates[k], diag[k], counts[k] = rates[k] * growth, diag[k] * growth, 0
+                actions[k] = "grow"
         # an overshooting combined step is shortened now; the rates keep their averages
         this_step = [r * backtrack if k in active else r for k, r in enumerate(new_rates)]
         for k, mover in enumerate(movers):
@@ -520,6 +533,7 @@ class HiDLR(Optimizer):
         # commit
         for k, g in enumerate(groups):
             g["hidlr_lr"], g["hidlr_diag_lr"], g["hidlr_updates"] = new_rates[k], diag[k], counts[k]
+            g["hidlr_peak_lr"] = max(peaks[k], new_rates[k])
             if not g["hidlr_frozen"]:
                 gain = predicted_decrease(fit.b[k], fit.A[k][k]) if k in active else 0.0
                 g["hidlr_influence"] = update_influence(
@@ -538,6 +552,8 @@ class HiDLR(Optimizer):
                 reason = (
                     "frozen"
                     if g["hidlr_frozen"]
+                    else "stalled"
+                    if k in stalled
                     else "zero_direction"
                     if g["params"]
                     else "empty_group"
@@ -587,24 +603,32 @@ class HiDLR(Optimizer):
         )
         return fit_quadratic(offsets, losses, rates, coupled=self.options["coupled"])
 
-    def _moved_groups(self, movers: list[GroupMover]) -> list[bool]:
-        """Which groups' base step changed any of their parameters (frozen ones never count):
-        the groups that are probed. One host sync; the flags pass through :meth:`_reduce_flags`."""
-        flags = [
-            m.moved() if not g["hidlr_frozen"] else torch.zeros((), dtype=torch.bool)
-            for m, g in zip(movers, self.param_groups, strict=True)
-        ]
-        if not flags:
-            return []
-        stacked = torch.stack([f.cpu() for f in flags])
-        return [bool(v) for v in self._reduce_flags(stacked).tolist()]
+    def _step_flags(self, movers: list[GroupMover]) -> tuple[list[bool], list[bool]]:
+        """Per group: whether the base step changed any of its parameters (the groups that are
+        probed; frozen ones never count), and whether any of its gradients is non-zero (looked
+        at only where nothing moved here). One host sync; both rows pass through
+        :meth:`_reduce_flags` together, so every rank sees the same flags."""
+        none = torch.zeros((), dtype=torch.bool)
+        moved, pushed = [], []
+        for m, g in zip(movers, self.param_groups, strict=True):
+            moved.append(m.moved() if not g["hidlr_frozen"] else none)
+            pushed.append(none)
+        if not moved:
+            return [], []
+        local = torch.stack([f.cpu() for f in moved])
+        for k, m in enumerate(movers):
+            if not local[k] and not self.param_groups[k]["hidlr_frozen"]:
+                pushed[k] = m.pushed()
+        flags = self._reduce_flags(torch.stack([local, torch.stack([p.cpu() for p in pushed])]))
+        return [bool(v) for v in flags[0].tolist()], [bool(v) for v in flags[1].tolist()]
 
     # -- hooks for data-parallel subclasses (hidlr.integrations.distributed) ----------------
 
     def _reduce_flags(self, flags: torch.Tensor) -> torch.Tensor:
-        """Combine this process's per-group "moved" flags (a bool vector on the CPU, one per
-        group) with those of its peers, so that all of them probe the same groups. Identity
-        here; a data-parallel subclass returns the logical or over its ranks."""
+        """Combine this process's per-group flags (a bool tensor on the CPU: a row of "moved"
+        flags and a row of "has a non-zero gradient" flags, one column per group) with those of
+        its peers, so that all of them probe the same groups. Identity here; a data-parallel
+        subclass returns the elementwise logical or over its ranks."""
         return flags
 
     def _reduce_losses(self, losses: torch.Tensor) -> torch.Tensor:
