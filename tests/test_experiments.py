@@ -193,11 +193,49 @@ def test_sweep_spread_is_over_seed_means(tmp_path):
     assert row["spread_first_seed"] == pytest.approx(1.0)
     assert row["seed_spread"] == pytest.approx(0.5)
     assert row["seeds"] == 2 and row["diverged"] == 0
+    records.append(_record("hidlr", 2, 1e-5, "sweep", 1.4))
     records.append(_record("hidlr", 2, 1e-1, "sweep", math.inf, diverged=True))
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     row = summarize(path)["tasks"]["friedman_mlp"]["sweep"]
     assert row["spread"] == math.inf and row["spread_first_seed"] == pytest.approx(1.0)
-    assert row["diverged"] == 1 and row["seeds"] == 2
+    assert row["diverged"] == 1 and row["seeds"] == 3
+
+
+def test_sweep_compares_only_seeds_every_initial_rate_has(tmp_path):
+    from hidlr.experiments.robustness import _spread
+
+    records = [_record("constant", 0, 0.1, "grid", 1.0)]
+    records += [_record("hidlr", 0, 1e-5, "sweep", 9.0)]  # seed 0 ran one initial rate only
+    records += [_record("hidlr", 1, lr, "sweep", v) for lr, v in ((1e-5, 1.0), (1e-1, 1.2))]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = summarize(path)["tasks"]["friedman_mlp"]["sweep"]
+    assert row["seeds"] == 1 and row["val_losses"] == {1e-5: 1.0, 1e-1: 1.2}
+    assert row["spread"] == pytest.approx(0.2) and row["spread_first_seed"] == pytest.approx(0.2)
+    assert math.isnan(row["seed_spread"])  # no default runs to compare with
+    assert _spread([0.0, 1.0]) == math.inf and _spread([0.0, 0.0]) == 0.0
+    assert math.isnan(_spread([1.0]))
+
+
+def test_benchmark_settings_compare_as_they_read_back():
+    from hidlr.experiments.robustness import _settings
+
+    plain = _settings(None, "next", "constant", 1)
+    assert _settings({"policy": "robust", "update_every": 4}, "next", "constant", 1.0) == plain
+    tupled = _settings({"probe_multipliers": (-1, 1, 2)}, "next", "constant", 1.0)
+    assert tupled == json.loads(json.dumps(tupled)) != plain
+    assert _settings({"policy": "paper"}, "next", "constant", 1.0)["hidlr_options"] == {
+        "policy": "paper"
+    }
+
+
+def test_benchmark_refuses_a_folder_whose_settings_are_unknown(tmp_path):
+    from hidlr.experiments.robustness import SettingsMismatch
+
+    (tmp_path / "runs.jsonl").write_text("")
+    with pytest.raises(SettingsMismatch, match="does not say with which settings"):
+        run_benchmark(tmp_path, tasks=["logistic_wide"])
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_benchmark_refuses_to_mix_settings(tmp_path):
@@ -221,7 +259,7 @@ def test_cli_robustness_passes_the_policy(monkeypatch, tmp_path, capsys):
 
     def fake(out, **kwargs):
         seen.update(kwargs)
-        raise ValueError("stop here")
+        raise robustness.SettingsMismatch("stop here")
 
     monkeypatch.setattr(robustness, "run_benchmark", fake)
     args = ["bench", "robustness", "--out", str(tmp_path), "--policy", "paper", "--no-sweep"]

@@ -433,6 +433,45 @@ def test_a_rate_too_small_to_move_the_weights_doubles_until_they_move():
     assert rec.reason != "stalled" and len(calls) == 4 and not torch.equal(w, before)
 
 
+def _stall(opt, w, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        ((w - 3.0) ** 2).sum().backward()
+        opt.step(lambda: ((w - 3.0) ** 2).sum())
+    return [r.groups[0] for r in opt.history]
+
+
+def test_a_schedule_that_stops_the_step_is_not_a_stall():
+    w = nn.Parameter(torch.tensor([1.0, -1.0]))
+    base = torch.optim.SGD([w], lr=0.1)
+    opt = hidlr.HiDLR(base, update_every=1)
+    sched = torch.optim.lr_scheduler.LambdaLR(base, lambda step: 0.0)
+    opt.param_groups[0].update(hidlr_lr=0.01, hidlr_diag_lr=0.01)
+    for _ in range(3):
+        _stall(opt, w, 1)
+        sched.step()
+    assert [r.groups[0].reason for r in opt.history] == ["zero_direction"] * 3
+    assert opt.lrs == [0.01] and w.tolist() == [1.0, -1.0]
+
+
+def test_stalled_growth_respects_max_rate_change_and_old_checkpoints():
+    w = nn.Parameter(torch.tensor([1.0, -1.0]))
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1), update_every=1, max_rate_change=1.2)
+    opt.param_groups[0].update(hidlr_lr=1e-9, hidlr_diag_lr=1e-9)
+    rec = _stall(opt, w, 1)[-1]
+    assert rec.reason == "stalled" and rec.lr_after / rec.lr_before == pytest.approx(1.2)
+    # a checkpoint written before the peak rate was kept (its options come along): the
+    # initial rate bounds the growth, which goes on
+    w2 = nn.Parameter(torch.tensor([1.0, -1.0]))
+    state = opt.state_dict()
+    del state["base"]["param_groups"][0]["hidlr_peak_lr"]
+    fresh = hidlr.HiDLR(torch.optim.SGD([w2], lr=0.1), update_every=1)
+    fresh.load_state_dict(state)
+    rec = _stall(fresh, w2, 1)[-1]
+    assert (rec.reason, rec.action) == ("stalled", "grow")
+    assert rec.lr_after == pytest.approx(1.2 * rec.lr_before)
+
+
 def test_the_paper_policy_leaves_a_stalled_rate_alone():
     w = nn.Parameter(torch.tensor([1.0, -1.0]))
     opt = paper(torch.optim.SGD([w], lr=0.1), update_every=1)

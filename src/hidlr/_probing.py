@@ -182,6 +182,7 @@ class GroupMover:
         """Whether any gradient of the group has a non-zero element (a bool scalar tensor): with
         :meth:`moved` false, the rate is too small for the step to change the weights."""
         grads = [_local(p.grad, self._dtensor) for p in self.params if p.grad is not None]
+        grads = [g.coalesce()._values() if g.is_sparse else g for g in grads]
         if not grads:
             return torch.zeros((), dtype=torch.bool)
         if all(g.device.type == "cpu" for g in grads):

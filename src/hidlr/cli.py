@@ -45,7 +45,12 @@ def _bench_greedy(args: argparse.Namespace) -> int:
 def _bench_robustness(args: argparse.Namespace) -> int:
     import json
 
-    from hidlr.experiments.robustness import format_summary, run_benchmark, summarize
+    from hidlr.experiments.robustness import (
+        SettingsMismatch,
+        format_summary,
+        run_benchmark,
+        summarize,
+    )
     from hidlr.experiments.tasks import TASKS
 
     tasks = args.tasks or [n for n, t in TASKS.items() if args.split in ("all", t.split)]
@@ -75,7 +80,7 @@ def _bench_robustness(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=progress,
         )
-    except ValueError as err:  # a results folder made with other settings
+    except SettingsMismatch as err:  # a results folder made with other settings
         print(err, file=sys.stderr)
         return 2
     summary = summarize(path)

@@ -447,9 +447,12 @@ class HiDLR(Optimizer):
         active = [k for k in range(n) if moved[k]]
         # a gradient but no change: the rate fell below what the weights' float format can
         # resolve (repeated cuts); it doubles until the group moves (then the fits take over
-        # again), never beyond the largest rate the group has had
+        # again), never beyond the largest rate the group has had. Not while a scheduler
+        # shrinks the step: then the schedule, not the adapted rate, may be what is too small
         robust = opts["policy"] == "robust"
-        stalled = [k for k in range(n) if robust and not moved[k] and pushed[k]]
+        stalled = [
+            k for k in range(n) if robust and not moved[k] and pushed[k] and used[k] >= rates[k] > 0
+        ]
         rows: list[dict[int, float]] = []
         values: list[torch.Tensor] = []
         devices = list({p.device for m in movers for p in m.params})
@@ -519,9 +522,11 @@ class HiDLR(Optimizer):
                     coupling = log_average(coupling, clipped, n_coupling, opts["smoothing"])
                     n_coupling += 1
         new_rates = [coupling * diag[k] if k in active else rates[k] for k in range(n)]
-        peaks = [g.get("hidlr_peak_lr", g["hidlr_lr"]) for g in groups]
+        # (a checkpoint from before the peak was kept: the larger of the initial and the
+        # current rate)
+        peaks = [g.get("hidlr_peak_lr", max(g["hidlr_lr"], g["hidlr_ref_lr"])) for g in groups]
         for k in stalled:
-            growth = min(2.0, peaks[k] / rates[k])
+            growth = min(2.0, peaks[k] / rates[k], opts["max_rate_change"] or 2.0)
             if growth > 1.0:
                 new_rates[k], diag[k], counts[k] = rates[k] * growth, diag[k] * growth, 0
                 actions[k] = "grow"
@@ -606,8 +611,9 @@ class HiDLR(Optimizer):
     def _step_flags(self, movers: list[GroupMover]) -> tuple[list[bool], list[bool]]:
         """Per group: whether the base step changed any of its parameters (the groups that are
         probed; frozen ones never count), and whether any of its gradients is non-zero (looked
-        at only where nothing moved here). One host sync; both rows pass through
-        :meth:`_reduce_flags` together, so every rank sees the same flags."""
+        at only where nothing moved here). Both rows pass through :meth:`_reduce_flags`
+        together, so every rank sees the same flags (on an accelerator, reading the flags costs
+        one host sync per group)."""
         none = torch.zeros((), dtype=torch.bool)
         moved, pushed = [], []
         for m, g in zip(movers, self.param_groups, strict=True):

@@ -10,6 +10,7 @@ runs are skipped when the benchmark is run again), and a summary built from that
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -25,12 +26,42 @@ import torch
 
 from hidlr.experiments.tasks import TASKS
 from hidlr.experiments.training import train_run
+from hidlr.optimizer import HiDLR
 
-__all__ = ["INIT_SWEEP", "Job", "run_benchmark", "summarize"]
+__all__ = ["INIT_SWEEP", "Job", "SettingsMismatch", "run_benchmark", "summarize"]
 
 logger = logging.getLogger(__name__)
 
 INIT_SWEEP = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+class SettingsMismatch(ValueError):
+    """A results folder holds runs made with other settings than the ones asked for."""
+
+
+def _settings(
+    hidlr_options: dict[str, Any] | None, probe_batch: str, schedule: str, steps_scale: float
+) -> dict[str, Any]:
+    """The settings that change a run, as they read back from JSON: Hi-DLR options equal to
+    the defaults are left out, so ``{"policy": "robust"}`` and no options are the same."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(HiDLR.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    options = {
+        k: v
+        for k, v in json.loads(json.dumps(dict(hidlr_options or {}))).items()
+        if k not in defaults or json.loads(json.dumps(defaults[k])) != v
+    }
+    return {
+        "hidlr_options": options,
+        "probe_batch": probe_batch,
+        "schedule": schedule,
+        "steps_scale": float(steps_scale),
+    }
+
+
 FREE_METHODS = ("prodigy", "dadaptation", "dog")
 
 
@@ -106,12 +137,7 @@ def run_benchmark(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
-    config = {
-        "hidlr_options": dict(hidlr_options or {}),
-        "probe_batch": probe_batch,
-        "schedule": schedule,
-        "steps_scale": steps_scale,
-    }
+    config = _settings(hidlr_options, probe_batch, schedule, steps_scale)
     config_path = out / "config.json"
     if config_path.exists():
         saved = json.loads(config_path.read_text())
@@ -119,11 +145,16 @@ def run_benchmark(
             changed = sorted(
                 k for k in config.keys() | saved.keys() if saved.get(k) != config.get(k)
             )
-            raise ValueError(
+            raise SettingsMismatch(
                 f"{out} holds runs made with other settings ({', '.join(changed)}: "
                 f"{ {k: saved.get(k) for k in changed} } there, { {k: config.get(k) for k in changed} } "
                 "now); choose another output folder or the same settings"
             )
+    elif path.exists():
+        raise SettingsMismatch(
+            f"{path} has runs but {config_path} does not say with which settings; choose another "
+            f"output folder, or write {config_path} with the settings those runs were made with"
+        )
     else:
         config_path.write_text(json.dumps(config, indent=1) + "\n")
     done = (
@@ -161,24 +192,32 @@ def _mean(values: Iterable[float]) -> float:
 
 
 def _spread(values: Sequence[float]) -> float:
-    """``max / min - 1``; infinite if any value is (a diverged run)."""
-    return max(values) / min(values) - 1 if all(math.isfinite(v) for v in values) else math.inf
+    """``max / min - 1``: infinite if any value is (a diverged run), NaN for fewer than two."""
+    if len(values) < 2:
+        return math.nan
+    low, high = min(values), max(values)
+    if not math.isfinite(high):
+        return math.inf
+    return high / low - 1 if low > 0 else (0.0 if high == 0 else math.inf)
 
 
 def _sweep_row(sweep: list[dict[str, Any]], default: list[dict[str, Any]]) -> dict[str, Any]:
     """The initial-rate sweep of one task: the validation loss per initial rate (mean over the
-    seeds that ran it), the spread of those means, the same spread on the first seed alone,
-    and, for scale, the spread over seeds of the default runs (one initial rate)."""
+    seeds that ran every initial rate), the spread of those means, the same spread on the
+    first of those seeds alone, and, for scale, the spread over seeds of the default runs (one
+    initial rate). Spreads are NaN when fewer than two initial rates share a seed."""
     by_lr: dict[float, dict[int, float]] = {}
     for r in sweep:
         by_lr.setdefault(r["lr"], {})[r["seed"]] = r["val_loss"] if not r["diverged"] else math.inf
-    first = min(r["seed"] for r in sweep)
-    means = {lr: _mean(v.values()) for lr, v in by_lr.items()}
+    common = sorted(set.intersection(*(set(v) for v in by_lr.values())))
+    means = {lr: _mean(v[s] for s in common) for lr, v in by_lr.items()} if common else {}
     return {
         "val_losses": means,
-        "seeds": min(len(v) for v in by_lr.values()),
+        "seeds": len(common),
         "spread": _spread(list(means.values())),
-        "spread_first_seed": _spread([v[first] for v in by_lr.values() if first in v]),
+        "spread_first_seed": _spread([v[common[0]] for v in by_lr.values()])
+        if common
+        else math.nan,
         "seed_spread": _spread([r["val_loss"] if not r["diverged"] else math.inf for r in default])
         if len(default) >= 2
         else math.nan,
@@ -289,7 +328,13 @@ def format_summary(summary: dict[str, Any]) -> str:
                 if sweep is not None
                 else ""
             )
-            + (f"  {seeds * 100:5.1f}%" if math.isfinite(seeds) else "")
+            + (
+                f"  {seeds * 100:5.1f}%"
+                if math.isfinite(seeds)
+                else "      div"
+                if seeds == math.inf
+                else ""
+            )
         )
     for split, e in summary["summary"].items():
         lines.append(

@@ -225,6 +225,10 @@ class DistributedHiDLR(HiDLR):
         group = self.process_group
         if dist.get_backend(group) != "nccl":
             values = values.cpu()
+        elif (
+            values.device.type == "cpu"
+        ):  # NCCL reduces CUDA tensors only (the flags are on the CPU)
+            values = values.to(torch.device("cuda", torch.cuda.current_device()))
         buf = values.contiguous().clone()
         try:
             work = dist.all_reduce(buf, op=op, group=group, async_op=True)
