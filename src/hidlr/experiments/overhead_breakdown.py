@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from hidlr.experiments.overhead import _backward_and_step, _forward, _train_step, _warm
+from hidlr.experiments.overhead_timing import _backward_and_step, _forward, _train_step, _warm
 from hidlr.experiments.overhead_workloads import (
     TABLE4_K,
     Workload,

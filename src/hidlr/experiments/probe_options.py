@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hidlr.experiments.overhead import _Arm, _median, _run_sequence, _settle, _warm
+from hidlr.experiments.overhead_timing import _Arm, _median, _run_sequence, _settle, _warm
 from hidlr.experiments.overhead_workloads import make_base, make_workload, split_groups
 from hidlr.optimizer import HiDLR
 
