@@ -152,8 +152,8 @@ def test_probe_loss_passed_to_the_callback():
     assert _opt(trainer).steps == BATCHES_PER_EPOCH
 
 
-@pytest.mark.parametrize("probe_batch", ["previous", "same"])
-def test_probes_see_the_previous_batch_by_default(probe_batch):
+@pytest.mark.parametrize("probe_batch", ["next", "previous", "same"])
+def test_probes_see_the_chosen_batch(probe_batch):
     class Recording(Net):
         def __init__(self) -> None:
             super().__init__()
@@ -173,12 +173,14 @@ def test_probes_see_the_previous_batch_by_default(probe_batch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(net, _loader())
-    # update_every=2: probe steps 0 and 2, 9 probe forwards each
+    # update_every=2: probe steps 0 and 2, 9 probe forwards each (with "next", run at the
+    # steps after them, on their batches)
     assert len(net.probed) == 18
     first, second = net.probed[:9], net.probed[9:]
-    assert all(torch.equal(x, net.trained[0]) for x in first)  # nothing before step 0
-    expected = net.trained[1] if probe_batch == "previous" else net.trained[2]
-    assert all(torch.equal(x, expected) for x in second)
+    expected = {"next": (1, 3), "previous": (0, 1), "same": (0, 2)}[probe_batch]
+    assert all(torch.equal(x, net.trained[expected[0]]) for x in first)
+    assert all(torch.equal(x, net.trained[expected[1]]) for x in second)
+    assert _opt(trainer).options["defer_probes"] is (probe_batch == "next")
     callback = trainer.callbacks[0]
     if probe_batch == "previous":
         assert torch.equal(callback._previous[0], net.trained[-1])  # kept for a checkpoint
@@ -189,7 +191,39 @@ def test_probes_see_the_previous_batch_by_default(probe_batch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         again.fit(net, _loader())
-    first_batch = next(iter(_loader()))[0]
-    assert torch.equal(seen[0], first_batch)  # a new fit starts without a previous batch
-    with pytest.raises(ValueError, match="probe_batch must be 'previous' or 'same', got 'next'"):
-        HiDLRCallback(probe_batch="next")
+    loader = iter(_loader())
+    first_batch, second_batch = next(loader)[0], next(loader)[0]
+    # a new fit starts without a previous batch
+    assert torch.equal(seen[0], second_batch if probe_batch == "next" else first_batch)
+    with pytest.raises(ValueError, match="probe_batch must be 'next', 'previous' or 'same'"):
+        HiDLRCallback(probe_batch="both")
+
+
+class EveryThird(Net):
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        opt.options["update_every"] = 3  # probe steps 0, 3 (an epoch's last), 6, ...
+        return opt
+
+
+@pytest.mark.parametrize("probe_batch", ["next", "previous"])
+def test_resume_between_a_probe_step_and_its_probes_is_bit_identical(tmp_path, probe_batch):
+    def fit(epochs, ckpt_path=None):
+        net, trainer = EveryThird(), _trainer(epochs)
+        trainer.callbacks = [HiDLRCallback(probe_batch=probe_batch)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(net, _loader(), ckpt_path=ckpt_path)
+        return net, trainer
+
+    whole, whole_trainer = fit(3)
+    _, first = fit(1)
+    if probe_batch == "next":
+        assert _opt(first).needs_closure()  # step 3's probes wait for step 4's batch
+    path = tmp_path / "one.ckpt"
+    first.save_checkpoint(path)
+    resumed, trainer = fit(3, ckpt_path=path)
+    assert _opt(trainer).lrs == _opt(whole_trainer).lrs != [0.02, 0.02]
+    for a, b in zip(resumed.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert repr(_opt(trainer).history) == repr(_opt(whole_trainer).history)

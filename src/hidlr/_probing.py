@@ -1,6 +1,7 @@
 """Bookkeeping that lets probes leave no trace: weights, buffers and random numbers.
 
-Memory: one extra copy of the probed parameters, alive only during a probe step.
+Memory: one extra copy of the probed parameters, alive only during a probe step (with
+``defer_probes``, from the probe step to the end of the next one).
 
 After the base optimizer's step the parameters hold ``w1`` and the snapshot holds ``w0``.
 The two are exchanged exactly (the parameter's storage pointer is swapped when it owns its

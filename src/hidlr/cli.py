@@ -185,10 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rob.add_argument(
         "--probe-batch",
-        choices=("next", "previous", "same", "both"),
+        choices=("next", "previous", "same", "both", "deferred"),
         default="next",
         help="the batch Hi-DLR and GeN probe: the next training batch (default), the last "
-        "step's, the gradient's own, or the gradient's and the next together",
+        "step's, the gradient's own, the gradient's and the next together, or the gradient's "
+        "own with defer_probes (probed at the next step)",
     )
     rob.add_argument(
         "--schedule",

@@ -6,6 +6,7 @@ import logging
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +43,17 @@ __all__ = ["HiDLR"]
 logger = logging.getLogger(__name__)
 
 Closure = Callable[[], Any]
+
+
+@dataclass
+class _Pending:
+    """A deferred probe step: its parameters (per group, those with a gradient), their values
+    before its update (``w0``) and the rates that update used."""
+
+    step: int
+    params: list[list[torch.Tensor]]
+    w0: list[torch.Tensor]
+    used: list[float]
 
 
 def _check_multipliers(value: Any) -> tuple[float, ...]:
@@ -127,6 +139,14 @@ class HiDLR(Optimizer):
         freeze_budget: keep only this many of the most influential groups (frozen the rest).
         freeze_warmup: probe steps every group must have had before any freezing.
         history_size: how many probe steps of diagnostics to keep (:attr:`history`).
+        defer_probes: probe a probe step's direction at the *following* step, with that step's
+            closure, on the batch it trains on: the probes see the next batch without the
+            training loop handing it over (a plain ``step(closure)`` on the current batch).
+            The probe step itself then needs no closure, the step after it does
+            (:meth:`needs_closure`); the new rates apply from that step on instead of to the
+            probe step's own update, and the one extra copy of the trainable parameters is held
+            from the probe step to the next (it is part of :meth:`state_dict` meanwhile).
+            Not with :class:`~hidlr.integrations.distributed.DistributedHiDLR`.
 
     Learning-rate schedulers: attach them to this optimizer (or the base one; they share
     param groups). A group's rate used at a step is ``lrs[k] * lr / initial_lr``: the
@@ -163,6 +183,7 @@ class HiDLR(Optimizer):
         freeze_budget: int | None = None,
         freeze_warmup: int = 10,
         history_size: int = 1000,
+        defer_probes: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, HiDLR):
             raise TypeError(
@@ -193,6 +214,7 @@ class HiDLR(Optimizer):
             if freeze_budget is None
             else check_int("freeze_budget", freeze_budget, minimum=1),
             "freeze_warmup": check_int("freeze_warmup", freeze_warmup, minimum=0),
+            "defer_probes": check_bool("defer_probes", defer_probes),
         }
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -206,6 +228,7 @@ class HiDLR(Optimizer):
         self._coupling = 1.0
         self._coupling_updates = 0
         self._recent_losses: list[float] = []  # fitted unperturbed losses of recent probe steps
+        self._pending: _Pending | None = None  # a deferred probe step's snapshot
         self._history: deque[ProbeRecord] = deque(
             maxlen=check_int("history_size", history_size, minimum=0)
         )
@@ -260,7 +283,26 @@ class HiDLR(Optimizer):
                 "recent_losses": list(self._recent_losses),
                 "options": dict(self.options),
                 "history": [r.as_dict() for r in self._history],
+                "pending": self._pending_state(),
             },
+        }
+
+    def _pending_state(self) -> dict[str, Any] | None:
+        """A deferred probe step as plain data: positions of its parameters in the param groups
+        (per group) and their values before its update."""
+        pending = self._pending
+        if pending is None:
+            return None
+        where = {
+            id(p): (i, j)
+            for i, g in enumerate(self.param_groups)
+            for j, p in enumerate(g["params"])
+        }
+        return {
+            "step": pending.step,
+            "params": [[list(where[id(p)]) for p in ps] for ps in pending.params],
+            "w0": list(pending.w0),
+            "used": list(pending.used),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -281,6 +323,17 @@ class HiDLR(Optimizer):
         self._history = deque(
             (ProbeRecord.from_dict(r) for r in saved["history"]), maxlen=self._history.maxlen
         )
+        self._pending = None
+        pending = saved.get("pending")
+        if pending is not None:
+            groups = self.param_groups
+            params = [[groups[i]["params"][j] for i, j in ps] for ps in pending["params"]]
+            flat = [p for ps in params for p in ps]
+            w0 = [
+                t.to(device=p.device, dtype=p.dtype).clone()
+                for t, p in zip(pending["w0"], flat, strict=True)
+            ]
+            self._pending = _Pending(int(pending["step"]), params, w0, list(pending["used"]))
         for group in self.param_groups:  # a checkpoint from before a freeze unfreezes
             for p in group["params"]:
                 p.requires_grad_(not group.get("hidlr_frozen", False))
@@ -338,6 +391,13 @@ class HiDLR(Optimizer):
         """Diagnostics of the most recent probe steps (see :func:`hidlr.save_history`)."""
         return tuple(self._history)
 
+    def needs_closure(self) -> bool:
+        """Whether the next :meth:`step` evaluates the closure: a probe step, or with
+        ``defer_probes`` the step after one."""
+        if self._pending is not None:
+            return True
+        return not self.options.get("defer_probes", False) and self.is_probe_step()
+
     def is_probe_step(self) -> bool:
         """Whether the next :meth:`step` probes (and so needs a closure)."""
         return self._steps % self.options["update_every"] == 0
@@ -392,20 +452,68 @@ class HiDLR(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> None:  # type: ignore[override]
-        """One training step; on probe steps ``closure()`` must return the scalar loss at the
-        current weights (no ``backward``)."""
+        """One training step; on probe steps (with ``defer_probes``, the steps after them:
+        :meth:`needs_closure`) ``closure()`` must return the scalar loss at the current weights
+        (no ``backward``)."""
+        if self.needs_closure() and (closure is None or not callable(closure)):
+            when = (
+                f"the step after a probe step with defer_probes=True (step {self._steps})"
+                if self._pending is not None
+                else f"probe steps (every update_every={self.options['update_every']} steps, "
+                f"starting at the first), got {closure!r} at step {self._steps}"
+            )
+            raise ValueError(
+                f"closure must be a callable returning the loss on {when}; pass e.g. "
+                "closure=lambda: loss_fn(model(x), y)"
+            )
+        if self._pending is not None:
+            self._resolve_pending(closure)  # type: ignore[arg-type]
         if not self.is_probe_step():
             self._base_step()
             self._steps += 1
             return None
-        if closure is None or not callable(closure):
-            raise ValueError(
-                f"closure must be a callable returning the loss on probe steps (every "
-                f"update_every={self.options['update_every']} steps, starting at the first), got "
-                f"{closure!r} at step {self._steps}; pass e.g. closure=lambda: loss_fn(model(x), y)"
-            )
-        self._probe_step(closure)
+        if self.options.get("defer_probes", False):
+            self._defer_probe_step()
+            return None
+        self._probe_step(closure)  # type: ignore[arg-type]
         return None
+
+    def _defer_probe_step(self) -> None:
+        """The probe step's update, keeping ``w0`` for its probes at the next step."""
+        groups = self.param_groups
+        params = [[p for p in g["params"] if p.grad is not None] for g in groups]
+        flat = [p for ps in params for p in ps]
+        used = [self._effective_lr(g) for g in groups]
+        copies = snapshot(flat)
+        try:
+            self._base_step()
+        except BaseException:
+            if flat:
+                torch._foreach_copy_(flat, copies)
+            raise
+        self._pending = _Pending(self._steps, params, copies, used)
+        self._steps += 1
+
+    def _resolve_pending(self, closure: Closure) -> None:
+        """The probes of the deferred probe step, around its ``w0`` along its update, with this
+        step's closure; the parameters end where they are (the deferred step's update stays)."""
+        pending, self._pending = self._pending, None  # a failure drops it: no rate changes
+        assert pending is not None
+        flat = [p for ps in pending.params for p in ps]
+        copies = list(pending.w0)
+        plan = swap_plan(flat, copies)
+        _exchange(flat, copies, plan)  # params hold w0, the copies hold the current point
+        movers, start = [], 0
+        for ps in pending.params:
+            end = start + len(ps)
+            movers.append(GroupMover(ps, copies[start:end], plan[start:end]))
+            start += len(ps)
+        try:
+            self._probe_and_update(closure, movers, used=pending.used, step=pending.step)
+        except BaseException:
+            for mover in movers:
+                mover.reset()
+            raise
 
     def _probe_step(self, closure: Closure) -> None:
         groups = self.param_groups
@@ -433,7 +541,13 @@ class HiDLR(Optimizer):
                 mover.reset()
             raise
 
-    def _probe_and_update(self, closure: Closure, movers: list[GroupMover]) -> None:
+    def _probe_and_update(
+        self,
+        closure: Closure,
+        movers: list[GroupMover],
+        used: list[float] | None = None,
+        step: int | None = None,
+    ) -> None:
         """Probe, fit, decide the new rates, move to this step's final point, then commit.
 
         Nothing on ``self`` or in the param groups changes before the commit at the end, so an
@@ -442,7 +556,8 @@ class HiDLR(Optimizer):
         opts, groups = self.options, self.param_groups
         n = len(groups)
         rates = [g["hidlr_lr"] for g in groups]
-        used = [self._effective_lr(g) for g in groups]
+        deferred = used is not None  # the probe step's update was taken already: keep it
+        used = [self._effective_lr(g) for g in groups] if used is None else used
         moved, pushed = self._step_flags(movers)
         active = [k for k in range(n) if moved[k]]
         # a gradient but no change: the rate fell below what the weights' float format can
@@ -532,6 +647,10 @@ class HiDLR(Optimizer):
                 actions[k] = "grow"
         # an overshooting combined step is shortened now; the rates keep their averages
         this_step = [r * backtrack if k in active else r for k, r in enumerate(new_rates)]
+        if deferred:
+            # the probe step's update was taken with the old rates and the next gradient was
+            # computed there: it stays (rescaling it now diverged on the robustness benchmark)
+            this_step = rates
         for k, mover in enumerate(movers):
             mover.finish(this_step[k] / rates[k] - 1.0 if this_step[k] != rates[k] else 0.0)
 
@@ -582,7 +701,7 @@ class HiDLR(Optimizer):
                 )
             )
         record = ProbeRecord(
-            self._steps - 1,
+            self._steps - 1 if step is None else step,
             fit.intercept,
             len(values) + (0 if math.isnan(step_loss) else 1),
             tuple(records),

@@ -106,10 +106,13 @@ def train_run(
 
     ``probe_batch``: which batch Hi-DLR's closure evaluates, ``"next"`` (the following
     training batch, which is then also the next step's batch), ``"previous"`` (the last
-    step's batch; the gradient's own on the first step), ``"same"`` (the gradient's own) or
-    ``"both"`` (the gradient's and the next). A run diverged if a training loss is not finite or the final validation loss is
+    step's batch; the gradient's own on the first step), ``"same"`` (the gradient's own),
+    ``"both"`` (the gradient's and the next) or ``"deferred"`` (``defer_probes=True`` with the
+    gradient's own batch: a probe step is probed at the next step, on that step's batch). A run diverged if a training loss is not finite or the final validation loss is
     above the initial one.
     """
+    if probe_batch == "deferred":
+        hidlr_options = {**(hidlr_options or {}), "defer_probes": True}
     problem = task.problem(seed)
     model, (x, y) = problem.model, problem.train
     steps = task.steps if steps is None else steps
@@ -126,6 +129,7 @@ def train_run(
             "same": idx,
             "both": torch.cat([idx, batches[step + 1]]),
             "previous": batches[step - 1] if step > 0 else idx,
+            "deferred": idx,
         }[probe_batch]
         built.optimizer.zero_grad()
         loss = problem.loss_fn(model(x[idx]), y[idx])

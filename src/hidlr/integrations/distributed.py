@@ -202,6 +202,11 @@ class DistributedHiDLR(HiDLR):
         timeout: float | datetime.timedelta | None = None,
         **options: Any,
     ) -> None:
+        if options.get("defer_probes"):
+            raise ValueError(
+                "defer_probes=True is not supported by DistributedHiDLR (its probes reduce "
+                "across ranks within one step); give each rank the next batch's closure instead"
+            )
         super().__init__(optimizer, **options)
         self.process_group = process_group
         self.timeout = _as_timedelta(timeout)
@@ -279,7 +284,7 @@ class DistributedHiDLR(HiDLR):
         return mean
 
     def step(self, closure: Closure | None = None) -> None:  # type: ignore[override]
-        if closure is None or not callable(closure) or not self.is_probe_step():
+        if closure is None or not callable(closure) or not self.needs_closure():
             return super().step(closure)
 
         def synced() -> Any:

@@ -6,8 +6,9 @@ Lightning calls ``optimizer.step(closure)`` with a closure that runs ``training_
 - :class:`LightningHiDLR` (a :class:`~hidlr.HiDLR`) runs Lightning's closure first (forward and
   backward, with gradients enabled), then its own step, probing with the module's
   ``probe_loss(batch)``;
-- :class:`HiDLRCallback` hands it the batch to probe: by default the previous training batch
-  (``probe_batch="previous"``), or the gradient's own (``"same"``).
+- :class:`HiDLRCallback` hands it the batch to probe: by default the next training batch
+  (``probe_batch="next"``), or the previous one (``"previous"``), or the gradient's own
+  (``"same"``).
 
 Use::
 
@@ -24,13 +25,15 @@ rates and HiDLR's step count) and restores it on ``fit(ckpt_path=...)``; a run r
 epoch boundary continues bit for bit like an uninterrupted one.
 
 Which batch the probes see: rates fitted on the gradient's own batch are systematically too
-long (that batch is the one the step was made for), so by default the probes see the previous
-step's batch, which the direction hardly depends on (the first step, which has none, probes its
-own). Lightning loads the next batch only after the step, so the previous one is the closest
-to it here: on the robustness benchmark (``hidlr bench robustness --probe-batch``) the next
-batch keeps 9 of 12 tasks within 5% of the grid-best rate, the previous one 6 and the
-gradient's own 5 (with diverged runs); see the README. The callback keeps that batch in its
-checkpoint state, so a resumed run probes what an uninterrupted one would.
+long (that batch is the one the step was made for), so by default the probes see the next
+training batch. Lightning loads it only after the step, so the callback runs the optimizer with
+``defer_probes=True``: a probe step's probes run at the following step, with that step's batch
+(see :class:`~hidlr.HiDLR`); the new rates apply from that step on. ``"previous"`` probes the
+previous step's batch at once (the first step, which has none, probes its own), and keeps it in
+the callback's checkpoint state. On the robustness benchmark (``hidlr bench robustness
+--probe-batch``) deferred probes keep 7 of 12 tasks within 5% of the grid-best rate with no
+diverged run, the previous batch 6 (one diverged run of 216) and the gradient's own 5 (three);
+probing the next batch at once, where a loop can hand it over, keeps 9 (see the README).
 
 Not supported: gradient accumulation (the probe step would see a partial gradient), several
 processes (each would fit its own rates on its own batch, and the replicas would drift apart;
@@ -80,8 +83,8 @@ class LightningHiDLR(HiDLR):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        probe = self.probe_closure if self.is_probe_step() else None
-        if self.is_probe_step() and probe is None:
+        probe = self.probe_closure if self.needs_closure() else None
+        if self.needs_closure() and probe is None:
             raise RuntimeError(
                 f"LightningHiDLR has no probe closure at probe step {self.steps}: add "
                 "hidlr.integrations.lightning.HiDLRCallback() to the Trainer's callbacks and "
@@ -103,17 +106,21 @@ class HiDLRCallback(Callback):
 
     Args:
         probe_loss: the loss without backward, if the module has no ``probe_loss`` method.
-        probe_batch: ``"previous"`` (default): the probes see the previous training batch (the
-            first step's own batch when there is none); ``"same"``: the gradient's own batch.
+        probe_batch: ``"next"`` (default): the probes see the next training batch (the
+            optimizers run with ``defer_probes=True``, which this sets); ``"previous"``: the
+            previous training batch (the first step's own batch when there is none); ``"same"``:
+            the gradient's own batch.
     """
 
     def __init__(
         self,
         probe_loss: Callable[[Any, Any], Any] | None = None,
-        probe_batch: str = "previous",
+        probe_batch: str = "next",
     ) -> None:
-        if probe_batch not in ("previous", "same"):
-            raise ValueError(f"probe_batch must be 'previous' or 'same', got {probe_batch!r}")
+        if probe_batch not in ("next", "previous", "same"):
+            raise ValueError(
+                f"probe_batch must be 'next', 'previous' or 'same', got {probe_batch!r}"
+            )
         self.probe_loss = probe_loss
         self.probe_batch = probe_batch
         self._previous: Any = None
@@ -137,6 +144,8 @@ class HiDLRCallback(Callback):
                 "(the loss at the current weights, without backward); define it or pass "
                 "HiDLRCallback(probe_loss=lambda module, batch: ...)"
             )
+        for opt in self._optimizers(trainer):
+            opt.options["defer_probes"] = self.probe_batch == "next"
         if getattr(trainer, "accumulate_grad_batches", 1) != 1:
             raise ValueError("HiDLRCallback does not support accumulate_grad_batches > 1")
         if getattr(trainer, "world_size", 1) > 1:
