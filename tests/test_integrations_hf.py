@@ -239,6 +239,13 @@ def test_trainer_refuses_more_than_one_process(tmp_path, monkeypatch):
         trainer(tmp_path)
 
 
+def test_trainer_refuses_deferred_probes():
+    from hidlr.integrations.transformers import HiDLRTrainer
+
+    with pytest.raises(ValueError, match="defer_probes=True is not for HiDLRTrainer"):
+        HiDLRTrainer(hidlr_kwargs={"defer_probes": True})
+
+
 def test_trainer_probes_a_fraction_of_the_batch(tmp_path):
     t = trainer(tmp_path, steps=1, gradient_accumulation_steps=1)
     t.probe_fraction = 0.5

@@ -191,6 +191,11 @@ class HiDLRTrainer(Trainer):
             raise TypeError(f"hidlr_groups must be callable, got {hidlr_groups!r}")
         self.hidlr_groups: GroupFn = hidlr_groups or default_groups
         self.hidlr_kwargs: dict[str, Any] = dict(hidlr_kwargs or {})
+        if self.hidlr_kwargs.get("defer_probes"):
+            raise ValueError(
+                "hidlr_kwargs defer_probes=True is not for HiDLRTrainer: it hands the probes the "
+                "batch it chose itself (probe_batch='next', 'previous' or 'same')"
+            )
         self.probe_micro_batches = probe_micro_batches
         self._hidlr_model: nn.Module | None = None
         self._hidlr_stash_step = -1
