@@ -178,3 +178,35 @@ def test_distributed_refuses_deferred_probes():
     w = nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="defer_probes=True is not supported by DistributedHiDLR"):
         DistributedHiDLR(torch.optim.SGD([w], lr=0.1), defer_probes=True)
+
+
+def test_a_group_added_between_a_probe_step_and_its_probes():
+    a, b, loss = _quadratic()
+    opt = _opt(a, b, defer_probes=True)
+    _step(opt, loss, closure=False)
+    c = nn.Parameter(torch.ones(2, dtype=F64))
+    opt.add_param_group({"params": [c], "lr": 0.01})
+
+    def loss_c():
+        return loss() + (c**2).sum()
+
+    opt.zero_grad()
+    loss_c().backward()
+    opt.step(loss_c)
+    assert opt.steps == 2 and [g.reason for g in opt.history[0].groups][2] == "zero_direction"
+    assert opt.history[0].groups[0].accepted and torch.equal(
+        c.detach(), torch.full((2,), 0.98, dtype=F64)
+    )
+
+
+def test_distributed_refuses_a_deferral_it_was_handed():
+    from hidlr.integrations.distributed import DistributedHiDLR
+
+    a, b, loss = _quadratic()
+    plain = _opt(a, b, defer_probes=True)
+    _step(plain, loss, closure=False)
+    state = plain.state_dict()
+    dist = DistributedHiDLR(torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.01))
+    dist.load_state_dict(state)
+    with pytest.raises(ValueError, match="came with a loaded state dict"):
+        dist.step(loss)

@@ -227,3 +227,36 @@ def test_resume_between_a_probe_step_and_its_probes_is_bit_identical(tmp_path, p
     for a, b in zip(resumed.parameters(), whole.parameters(), strict=True):
         assert torch.equal(a, b)
     assert repr(_opt(trainer).history) == repr(_opt(whole_trainer).history)
+
+
+def test_resuming_a_previous_batch_checkpoint_with_the_default_probes_the_next(tmp_path):
+    class Recorded(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trained: list[torch.Tensor] = []
+            self.probed: list[torch.Tensor] = []
+
+        def training_step(self, batch, batch_idx):
+            self.trained.append(batch[0])
+            return super().training_step(batch, batch_idx)
+
+        def probe_loss(self, batch):
+            self.probed.append(batch[0])
+            return super().probe_loss(batch)
+
+    first = _trainer(1)
+    first.callbacks = [HiDLRCallback(probe_batch="previous")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first.fit(Recorded(), _loader())
+    path = tmp_path / "previous.ckpt"
+    first.save_checkpoint(path)
+    net, trainer = Recorded(), _trainer(2)  # the default callback: the next batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(net, _loader(), ckpt_path=path)
+    assert _opt(trainer).options["defer_probes"] is True
+    # steps 4 and 6 probe (update_every=2), at steps 5 and 7, on their batches
+    assert len(net.trained) == 4 and len(net.probed) == 18
+    assert all(torch.equal(x, net.trained[1]) for x in net.probed[:9])
+    assert all(torch.equal(x, net.trained[3]) for x in net.probed[9:])

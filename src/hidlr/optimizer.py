@@ -289,7 +289,9 @@ class HiDLR(Optimizer):
 
     def _pending_state(self) -> dict[str, Any] | None:
         """A deferred probe step as plain data: positions of its parameters in the param groups
-        (per group) and their values before its update."""
+        (per group) and their values before its update. Like the tensors of torch's own
+        ``state_dict``, these are live (the next step probes with them as scratch): save them
+        at once, or ``copy.deepcopy`` the state dict to keep it in memory."""
         pending = self._pending
         if pending is None:
             return None
@@ -329,10 +331,15 @@ class HiDLR(Optimizer):
             groups = self.param_groups
             params = [[groups[i]["params"][j] for i, j in ps] for ps in pending["params"]]
             flat = [p for ps in params for p in ps]
-            w0 = [
-                t.to(device=p.device, dtype=p.dtype).clone()
-                for t, p in zip(pending["w0"], flat, strict=True)
-            ]
+            w0 = snapshot(flat)  # the layout of a live snapshot (one buffer), then its values
+            if flat:
+                torch._foreach_copy_(
+                    w0,
+                    [
+                        t.to(device=p.device, dtype=p.dtype)
+                        for t, p in zip(pending["w0"], flat, strict=True)
+                    ],
+                )
             self._pending = _Pending(int(pending["step"]), params, w0, list(pending["used"]))
         for group in self.param_groups:  # a checkpoint from before a freeze unfreezes
             for p in group["params"]:
@@ -499,17 +506,21 @@ class HiDLR(Optimizer):
         step's closure; the parameters end where they are (the deferred step's update stays)."""
         pending, self._pending = self._pending, None  # a failure drops it: no rate changes
         assert pending is not None
-        flat = [p for ps in pending.params for p in ps]
+        # groups added since the probe step (add_param_group) have nothing to probe
+        added = self.param_groups[len(pending.params) :]
+        params = pending.params + [[] for _ in added]
+        used = pending.used + [self._effective_lr(g) for g in added]
+        flat = [p for ps in params for p in ps]
         copies = list(pending.w0)
         plan = swap_plan(flat, copies)
         _exchange(flat, copies, plan)  # params hold w0, the copies hold the current point
         movers, start = [], 0
-        for ps in pending.params:
+        for ps in params:
             end = start + len(ps)
             movers.append(GroupMover(ps, copies[start:end], plan[start:end]))
             start += len(ps)
         try:
-            self._probe_and_update(closure, movers, used=pending.used, step=pending.step)
+            self._probe_and_update(closure, movers, used=used, step=pending.step)
         except BaseException:
             for mover in movers:
                 mover.reset()

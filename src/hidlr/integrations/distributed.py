@@ -284,6 +284,11 @@ class DistributedHiDLR(HiDLR):
         return mean
 
     def step(self, closure: Closure | None = None) -> None:  # type: ignore[override]
+        if self.options.get("defer_probes") or self._pending is not None:
+            raise ValueError(
+                "defer_probes=True is not supported by DistributedHiDLR (it came with a loaded "
+                "state dict or a changed option); give each rank the next batch's closure instead"
+            )
         if closure is None or not callable(closure) or not self.needs_closure():
             return super().step(closure)
 

@@ -144,8 +144,6 @@ class HiDLRCallback(Callback):
                 "(the loss at the current weights, without backward); define it or pass "
                 "HiDLRCallback(probe_loss=lambda module, batch: ...)"
             )
-        for opt in self._optimizers(trainer):
-            opt.options["defer_probes"] = self.probe_batch == "next"
         if getattr(trainer, "accumulate_grad_batches", 1) != 1:
             raise ValueError("HiDLRCallback does not support accumulate_grad_batches > 1")
         if getattr(trainer, "world_size", 1) > 1:
@@ -154,6 +152,11 @@ class HiDLRCallback(Callback):
                 "several, use hidlr.integrations.distributed.DistributedHiDLR with manual "
                 "optimisation"
             )
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # after a checkpoint's optimizer state (and its options) was restored
+        for opt in self._optimizers(trainer):
+            opt.options["defer_probes"] = self.probe_batch == "next"
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
