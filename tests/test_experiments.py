@@ -294,7 +294,7 @@ def test_missing_data_gives_the_install_command(tmp_path):
         fashion_mnist(tmp_path)
 
 
-@pytest.mark.parametrize("probe_batch", ["next", "previous", "same", "both"])
+@pytest.mark.parametrize("probe_batch", ["next", "previous", "same", "both", "deferred"])
 def test_train_run_probes_the_chosen_batch(monkeypatch, probe_batch):
     from hidlr.experiments import training
 
@@ -323,6 +323,7 @@ def test_train_run_probes_the_chosen_batch(monkeypatch, probe_batch):
         "previous": (batches[0], batches[3]),  # step 0 has no previous batch: its own
         "same": (batches[0], batches[4]),
         "both": (torch.cat([batches[0], batches[1]]), torch.cat([batches[4], batches[5]])),
+        "deferred": (batches[1], batches[5]),  # probed at steps 1 and 5, with their closures
     }[probe_batch]
     per_step = len(seen) // 2  # probe steps 0 and 4
     assert len(seen) == 2 * per_step > 0

@@ -156,7 +156,9 @@ class HiDLR(Optimizer):
 
     The closure passed to :meth:`step` returns the loss at the current weights and must not
     call ``backward``; it decides the probes' batch. Use the next training batch
-    (:func:`hidlr.with_probe_batch`): fits on the gradient's own batch are too long. Probes
+    (:func:`hidlr.with_probe_batch`): fits on the gradient's own batch are too long. Where the
+    loop cannot look ahead, ``defer_probes=True`` with a closure on the current batch gives the
+    probes the next batch one step later. Probes
     run under ``torch.no_grad``, all see the random-number state the training step would
     see next (common random numbers for dropout), do not advance it, and every buffer that
     a module changed in place during probing (BatchNorm statistics) is restored.
