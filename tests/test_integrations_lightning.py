@@ -152,22 +152,25 @@ def test_probe_loss_passed_to_the_callback():
     assert _opt(trainer).steps == BATCHES_PER_EPOCH
 
 
+class Recording(Net):
+    """Records the batches trained on and probed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trained: list[torch.Tensor] = []
+        self.probed: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        self.trained.append(batch[0])
+        return super().training_step(batch, batch_idx)
+
+    def probe_loss(self, batch):
+        self.probed.append(batch[0])
+        return super().probe_loss(batch)
+
+
 @pytest.mark.parametrize("probe_batch", ["next", "previous", "same"])
 def test_probes_see_the_chosen_batch(probe_batch):
-    class Recording(Net):
-        def __init__(self) -> None:
-            super().__init__()
-            self.trained: list[torch.Tensor] = []
-            self.probed: list[torch.Tensor] = []
-
-        def training_step(self, batch, batch_idx):
-            self.trained.append(batch[0])
-            return super().training_step(batch, batch_idx)
-
-        def probe_loss(self, batch):
-            self.probed.append(batch[0])
-            return super().probe_loss(batch)
-
     net, trainer = Recording(), _trainer(1)
     trainer.callbacks = [HiDLRCallback(probe_batch=probe_batch)]
     with warnings.catch_warnings():
@@ -230,28 +233,14 @@ def test_resume_between_a_probe_step_and_its_probes_is_bit_identical(tmp_path, p
 
 
 def test_resuming_a_previous_batch_checkpoint_with_the_default_probes_the_next(tmp_path):
-    class Recorded(Net):
-        def __init__(self) -> None:
-            super().__init__()
-            self.trained: list[torch.Tensor] = []
-            self.probed: list[torch.Tensor] = []
-
-        def training_step(self, batch, batch_idx):
-            self.trained.append(batch[0])
-            return super().training_step(batch, batch_idx)
-
-        def probe_loss(self, batch):
-            self.probed.append(batch[0])
-            return super().probe_loss(batch)
-
     first = _trainer(1)
     first.callbacks = [HiDLRCallback(probe_batch="previous")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        first.fit(Recorded(), _loader())
+        first.fit(Recording(), _loader())
     path = tmp_path / "previous.ckpt"
     first.save_checkpoint(path)
-    net, trainer = Recorded(), _trainer(2)  # the default callback: the next batch
+    net, trainer = Recording(), _trainer(2)  # the default callback: the next batch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(net, _loader(), ckpt_path=path)

@@ -487,12 +487,11 @@ class HiDLR(Optimizer):
         self._probe_step(closure)  # type: ignore[arg-type]
         return None
 
-    def _defer_probe_step(self) -> None:
-        """The probe step's update, keeping ``w0`` for its probes at the next step."""
-        groups = self.param_groups
-        params = [[p for p in g["params"] if p.grad is not None] for g in groups]
+    def _snapshot_and_step(self) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+        """The base step, with a copy of the weights before it (``w0``) of the parameters it
+        may move (per group: those with a gradient); a failing step leaves them as they were."""
+        params = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
         flat = [p for ps in params for p in ps]
-        used = [self._effective_lr(g) for g in groups]
         copies = snapshot(flat)
         try:
             self._base_step()
@@ -500,6 +499,37 @@ class HiDLR(Optimizer):
             if flat:
                 torch._foreach_copy_(flat, copies)
             raise
+        return params, copies
+
+    @staticmethod
+    def _movers(params: list[list[torch.Tensor]], copies: list[torch.Tensor]) -> list[GroupMover]:
+        """Exchange the parameters (the current point) with ``copies`` (``w0``), then one
+        :class:`GroupMover` per group over the parameters now at ``w0``."""
+        flat = [p for ps in params for p in ps]
+        plan = swap_plan(flat, copies)
+        _exchange(flat, copies, plan)  # params hold w0, the copies hold the current point
+        movers, start = [], 0
+        for ps in params:
+            end = start + len(ps)
+            movers.append(GroupMover(ps, copies[start:end], plan[start:end]))
+            start += len(ps)
+        return movers
+
+    def _probe_step(self, closure: Closure) -> None:
+        params, copies = self._snapshot_and_step()
+        self._steps += 1
+        movers = self._movers(params, copies)
+        try:
+            self._probe_and_update(closure, movers)
+        except BaseException:
+            for mover in movers:
+                mover.reset()
+            raise
+
+    def _defer_probe_step(self) -> None:
+        """The probe step's update, keeping ``w0`` for its probes at the next step."""
+        used = [self._effective_lr(g) for g in self.param_groups]
+        params, copies = self._snapshot_and_step()
         self._pending = _Pending(self._steps, params, copies, used)
         self._steps += 1
 
@@ -512,43 +542,9 @@ class HiDLR(Optimizer):
         added = self.param_groups[len(pending.params) :]
         params = pending.params + [[] for _ in added]
         used = pending.used + [self._effective_lr(g) for g in added]
-        flat = [p for ps in params for p in ps]
-        copies = list(pending.w0)
-        plan = swap_plan(flat, copies)
-        _exchange(flat, copies, plan)  # params hold w0, the copies hold the current point
-        movers, start = [], 0
-        for ps in params:
-            end = start + len(ps)
-            movers.append(GroupMover(ps, copies[start:end], plan[start:end]))
-            start += len(ps)
+        movers = self._movers(params, list(pending.w0))
         try:
             self._probe_and_update(closure, movers, used=used, step=pending.step)
-        except BaseException:
-            for mover in movers:
-                mover.reset()
-            raise
-
-    def _probe_step(self, closure: Closure) -> None:
-        groups = self.param_groups
-        params = [[p for p in g["params"] if p.grad is not None] for g in groups]
-        flat = [p for ps in params for p in ps]
-        copies = snapshot(flat)
-        try:
-            self._base_step()
-        except BaseException:
-            if flat:
-                torch._foreach_copy_(flat, copies)
-            raise
-        self._steps += 1
-        plan = swap_plan(flat, copies)
-        _exchange(flat, copies, plan)  # params hold w0, the copies hold w1 exactly
-        movers, start = [], 0
-        for ps in params:
-            end = start + len(ps)
-            movers.append(GroupMover(ps, copies[start:end], plan[start:end]))
-            start += len(ps)
-        try:
-            self._probe_and_update(closure, movers)
         except BaseException:
             for mover in movers:
                 mover.reset()
