@@ -802,3 +802,52 @@ def test_mover_moves_on_from_a_near_zero_offset():
     assert torch.equal(p, torch.tensor([3.0], dtype=F64))
     mover.finish(0.5)
     assert torch.equal(p, torch.tensor([2.5], dtype=F64))
+
+
+def test_grad_scaler_steps_hidlr_with_a_positional_closure():
+    """Mixed precision in a hand-written loop: ``scaler.step(opt, closure)`` (GradScaler refuses
+    a ``closure=`` keyword, not a positional one). Power-of-two loss scaling is exact, so the run
+    is bit-identical to one without the scaler; a step with an inf gradient is skipped whole."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 5, generator=gen), torch.randn(64, 1, generator=gen)
+
+    def run(scaled: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+        base = torch.optim.Adam(
+            [{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=1e-2
+        )
+        opt = hidlr.HiDLR(base, update_every=2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        for step in range(12):
+            xb, yb = x[step * 5 % 60 :][:16], y[step * 5 % 60 :][:16]
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(xb), yb)
+            closure = lambda: nn.functional.mse_loss(model(xb), yb)  # noqa: E731
+            if not scaled:
+                loss.backward()
+                opt.step(closure)
+                continue
+            scaler.scale(loss).backward()
+            if step == 6:  # an overflow on a probe step: nothing may move, nothing is probed
+                model[0].weight.grad[0, 0] = float("inf")
+                before = [p.detach().clone() for p in model.parameters()]
+                steps, probes, rates = opt.steps, len(opt.history), opt.lrs
+            scaler.step(opt, closure)
+            scaler.update()
+            if step == 6:
+                assert opt.is_probe_step() and opt.steps == steps and len(opt.history) == probes and opt.lrs == rates
+                for p, q in zip(model.parameters(), before, strict=True):
+                    assert torch.equal(p, q)
+                scaler.update(2.0**8)  # the unscaled run has no skipped step to catch up on
+                opt.zero_grad()
+                scaler.scale(nn.functional.mse_loss(model(xb), yb)).backward()
+                scaler.step(opt, closure)
+                scaler.update()
+        return [p.detach() for p in model.parameters()], opt.lrs, len(opt.history)
+
+    plain, scaled = run(False), run(True)
+    assert plain[2] == scaled[2] == 6
+    assert plain[1] == scaled[1]
+    for p, q in zip(plain[0], scaled[0], strict=True):
+        assert torch.equal(p, q)
