@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hidlr.fit import fit_quadratic, propose_rates, smooth_rate
+from hidlr.fit import fit_quadratic, propose_rates
+from hidlr.rates import smooth_rate
 
 MULTS = (-2.0, -1.0, 1.0, 2.0)
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -823,7 +824,7 @@ def test_grad_scaler_steps_hidlr_with_a_positional_closure():
             xb, yb = x[step * 5 % 60 :][:16], y[step * 5 % 60 :][:16]
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(xb), yb)
-            closure = lambda: nn.functional.mse_loss(model(xb), yb)  # noqa: E731
+            closure = partial(lambda a, b: nn.functional.mse_loss(model(a), b), xb, yb)
             if not scaled:
                 loss.backward()
                 opt.step(closure)
@@ -836,7 +837,12 @@ def test_grad_scaler_steps_hidlr_with_a_positional_closure():
             scaler.step(opt, closure)
             scaler.update()
             if step == 6:
-                assert opt.is_probe_step() and opt.steps == steps and len(opt.history) == probes and opt.lrs == rates
+                assert (
+                    opt.is_probe_step()
+                    and opt.steps == steps
+                    and len(opt.history) == probes
+                    and opt.lrs == rates
+                )
                 for p, q in zip(model.parameters(), before, strict=True):
                     assert torch.equal(p, q)
                 scaler.update(2.0**8)  # the unscaled run has no skipped step to catch up on

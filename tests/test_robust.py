@@ -8,14 +8,8 @@ import torch
 from torch import nn
 
 import hidlr
-from hidlr.fit import (
-    QuadraticFit,
-    RateDecision,
-    coupling_ratio,
-    log_average,
-    robust_rate,
-    step_scale,
-)
+from hidlr.fit import QuadraticFit, RateDecision
+from hidlr.rates import coupling_ratio, log_average, robust_rate, step_scale
 
 F64 = torch.float64
 ACCEPT = RateDecision(0.0, True, "accepted")
@@ -67,7 +61,7 @@ def test_robust_rate_rules(decision, b, a, resolved, expected, action):
 def test_robust_rate_is_not_bias_corrected():
     # after the warm-up, updates move as cautiously as ever (a loss plateau's huge proposals
     # must not be followed at once), so the count of earlier updates does not matter
-    from hidlr.fit import WARMUP_UPDATES
+    from hidlr.rates import WARMUP_UPDATES
 
     kw = {"smoothing": 0.9, "probe_reach": 2.0}
     first = robust_rate(1.0, WARMUP_UPDATES, accepted(1.5), 1.0, 1.0, **kw)
@@ -81,7 +75,7 @@ def test_robust_rate_is_not_bias_corrected():
 def test_a_rate_grown_blindly_is_cut_at_once_by_the_next_fit():
     # a plateau (no curvature: the rate doubles) ending in a cliff: the first fit that sees
     # curvature after the growth is taken at once, not averaged from a rate with no evidence
-    from hidlr.fit import WARMUP_UPDATES
+    from hidlr.rates import WARMUP_UPDATES
 
     kw = {"smoothing": 0.9, "probe_reach": 2.0}
     grown = robust_rate(8.0, 50, rejected("not_convex"), 1.0, -1e-4, **kw)
@@ -93,7 +87,7 @@ def test_a_rate_grown_blindly_is_cut_at_once_by_the_next_fit():
 
 
 def test_warm_up_takes_longer_proposals_at_once_up_to_a_bound():
-    from hidlr.fit import WARMUP_GROWTH, WARMUP_UPDATES
+    from hidlr.rates import WARMUP_GROWTH, WARMUP_UPDATES
 
     kw = {"smoothing": 0.9, "probe_reach": 2.0}
     rate, n = 1.0, 0
@@ -106,7 +100,7 @@ def test_warm_up_takes_longer_proposals_at_once_up_to_a_bound():
 
 
 def test_an_overshooting_initial_rate_is_cut_at_once_only_while_warming_up():
-    from hidlr.fit import WARMUP_UPDATES
+    from hidlr.rates import WARMUP_UPDATES
 
     early = robust_rate(1.0, 0, accepted(0.1), 1.0, 10.0, smoothing=0.9, probe_reach=2.0)
     assert early.rate == 0.1
@@ -251,7 +245,7 @@ def test_robust_checkpoint_resumes_bit_identically(tmp_path):
 
 
 def test_spike_detection():
-    from hidlr.fit import spike
+    from hidlr.rates import spike
 
     assert not spike(5.0, [])  # nothing to judge by
     assert not spike(3.9, [1.2, 1.0])  # too little history for the floor rule

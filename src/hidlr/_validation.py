@@ -62,3 +62,24 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         _fail(name, "a bool", value, TypeError)
     return value
+
+
+def check_multipliers(value: Any) -> tuple[float, ...]:
+    accepted = (
+        "a sequence of distinct finite numbers, one of them > 0: at least 3 non-zero, or 2 "
+        "non-zero and 0"
+    )
+    try:
+        mults = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"probe_multipliers must be {accepted}, got {value!r}") from None
+    nonzero = [m for m in mults if m != 0]
+    ok = (
+        len(set(mults)) == len(mults)
+        and all(math.isfinite(m) for m in mults)
+        and any(m > 0 for m in mults)
+        and (len(nonzero) >= 3 or (len(nonzero) == 2 and len(mults) == 3))
+    )
+    if not ok:
+        raise ValueError(f"probe_multipliers must be {accepted}, got {value!r}")
+    return mults

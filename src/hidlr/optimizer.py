@@ -20,23 +20,25 @@ from hidlr._probing import (
     snapshot,
     swap_plan,
 )
-from hidlr._validation import check_bool, check_choice, check_float, check_int
-from hidlr.fit import (
+from hidlr._validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_multipliers,
+)
+from hidlr.fit import QuadraticFit, fit_quadratic, propose_rates
+from hidlr.history import GroupProbe, ProbeRecord
+from hidlr.influence import choose_frozen, predicted_decrease, update_influence
+from hidlr.rates import (
     SPIKE_CUT,
     SPIKE_WINDOW,
-    QuadraticFit,
-    RateDecision,
     coupling_ratio,
-    fit_quadratic,
+    diagonal_rates,
     log_average,
-    propose_rates,
-    robust_rate,
-    smooth_rate,
     spike,
     step_scale,
 )
-from hidlr.history import GroupProbe, ProbeRecord
-from hidlr.influence import choose_frozen, predicted_decrease, update_influence
 
 __all__ = ["HiDLR"]
 
@@ -54,27 +56,6 @@ class _Pending:
     params: list[list[torch.Tensor]]
     w0: list[torch.Tensor]
     used: list[float]
-
-
-def _check_multipliers(value: Any) -> tuple[float, ...]:
-    accepted = (
-        "a sequence of distinct finite numbers, one of them > 0: at least 3 non-zero, or 2 "
-        "non-zero and 0"
-    )
-    try:
-        mults = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise TypeError(f"probe_multipliers must be {accepted}, got {value!r}") from None
-    nonzero = [m for m in mults if m != 0]
-    ok = (
-        len(set(mults)) == len(mults)
-        and all(math.isfinite(m) for m in mults)
-        and any(m > 0 for m in mults)
-        and (len(nonzero) >= 3 or (len(nonzero) == 2 and len(mults) == 3))
-    )
-    if not ok:
-        raise ValueError(f"probe_multipliers must be {accepted}, got {value!r}")
-    return mults
 
 
 class HiDLR(Optimizer):
@@ -121,7 +102,7 @@ class HiDLR(Optimizer):
             the smoothed update above, only on accepted fits. ``"robust"`` moves the rate
             toward every proposal alike, shorter or longer, by a log-space average (weight
             ``1 - smoothing``, at most x2 either way per update; see
-            :func:`hidlr.fit.robust_rate`): taking shorter proposals at once annealed the
+            :func:`hidlr.rates.robust_rate`): taking shorter proposals at once annealed the
             rates far below the best constant rate. During the first four accepted fits (and
             again after a rate had to grow without a fit) it cuts an overshooting rate at once
             and climbs by up to x1.5 per update. It grows a rate whose probes cannot resolve
@@ -195,7 +176,7 @@ class HiDLR(Optimizer):
         self.options: dict[str, Any] = {
             "update_every": check_int("update_every", update_every, minimum=1),
             "smoothing": check_float("smoothing", smoothing, low=0.0, high=1.0, high_open=True),
-            "probe_multipliers": _check_multipliers(probe_multipliers),
+            "probe_multipliers": check_multipliers(probe_multipliers),
             "min_r2": check_float("min_r2", min_r2),
             "coupled": check_bool("coupled", coupled),
             "max_rate_change": None
@@ -317,7 +298,7 @@ class HiDLR(Optimizer):
             )
         saved = state_dict["hidlr"]
         options = dict(saved["options"])
-        options["probe_multipliers"] = _check_multipliers(options["probe_multipliers"])
+        options["probe_multipliers"] = check_multipliers(options["probe_multipliers"])
         self.optimizer.load_state_dict(state_dict["base"])
         self.options = options
         self._steps = int(saved["steps"])
@@ -611,7 +592,18 @@ class HiDLR(Optimizer):
                         movers[l].move(-1.0)
             fit = self._fit(rows, values, rates)
             decisions = propose_rates(fit, min_r2=opts["min_r2"])
-            diag, counts, actions = self._diagonal_rates(fit, decisions, active, rates)
+            diag, counts, actions = diagonal_rates(
+                fit,
+                decisions,
+                active,
+                rates,
+                [g["hidlr_diag_lr"] for g in groups],
+                [g["hidlr_updates"] for g in groups],
+                policy=opts["policy"],
+                smoothing=opts["smoothing"],
+                reach=max(abs(c) for c in opts["probe_multipliers"]),
+                max_rate_change=opts["max_rate_change"],
+            )
             recent = self._recent_losses
             if opts["policy"] == "robust" and spike(fit.intercept, recent):
                 # the loss jumped far above its recent floor: the rates (and whatever momentum
@@ -770,47 +762,6 @@ class HiDLR(Optimizer):
         those of the peers, so that all of them fit the same quadratic. Identity here; a
         data-parallel subclass returns the mean over its ranks (one collective)."""
         return losses
-
-    def _diagonal_rates(
-        self,
-        fit: QuadraticFit,
-        decisions: list[RateDecision],
-        active: list[int],
-        rates: list[float],
-    ) -> tuple[list[float], list[int], list[str]]:
-        """Each group's own (diagonal) rate after this fit, by the chosen policy."""
-        opts, groups = self.options, self.param_groups
-        diag = [g["hidlr_diag_lr"] for g in groups]
-        counts = [g["hidlr_updates"] for g in groups]
-        actions = ["keep"] * len(groups)
-        reach = max(abs(c) for c in opts["probe_multipliers"])
-        for k in active:
-            dec = decisions[k]
-            if opts["policy"] == "robust":
-                out = robust_rate(
-                    diag[k],
-                    counts[k],
-                    dec,
-                    fit.b[k],
-                    fit.A[k][k],
-                    smoothing=opts["smoothing"],
-                    probe_reach=reach * rates[k],
-                    resolved=not fit.spread[k] < 1e-5 * abs(fit.intercept),
-                )
-                diag[k], counts[k], actions[k] = out.rate, out.n_updates, out.action
-                if opts["max_rate_change"] is not None:
-                    bound = opts["max_rate_change"]
-                    diag[k] = min(max(diag[k], rates[k] / bound), rates[k] * bound)
-            elif dec.accepted:
-                diag[k] = smooth_rate(
-                    diag[k],
-                    dec.proposed,
-                    smoothing=opts["smoothing"],
-                    max_change=opts["max_rate_change"],
-                )
-                counts[k] += 1
-                actions[k] = "update"
-        return diag, counts, actions
 
     def _maybe_freeze(self, step: int) -> None:
         opts = self.options

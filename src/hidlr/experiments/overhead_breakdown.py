@@ -172,7 +172,7 @@ def _patch_hidlr(timers: _Timers) -> None:
         (HiDLR, "_probe_and_update", "moved flags, records, Python"),
         (HiDLR, "_base_step", "base optimizer step"),
         (HiDLR, "_fit", "fit + rate policy"),
-        (HiDLR, "_diagonal_rates", "fit + rate policy"),
+        (optimizer, "diagonal_rates", "fit + rate policy"),
         (optimizer, "propose_rates", "fit + rate policy"),
         (optimizer, "step_scale", "fit + rate policy"),
         (optimizer, "coupling_ratio", "fit + rate policy"),

@@ -1,0 +1,247 @@
+"""How the fits move the rates, as pure functions: Algorithm 1's smoothed update, the robust
+policy's safeguards, the joint check of the combined step, and loss spikes.
+
+The inputs are :class:`~hidlr.fit.QuadraticFit` and :class:`~hidlr.fit.RateDecision` from
+:mod:`hidlr.fit`; the optimizer (:class:`hidlr.HiDLR`) only keeps the state these functions
+read and return.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hidlr.fit import QuadraticFit, RateDecision
+
+__all__ = [
+    "RobustStep",
+    "coupling_ratio",
+    "diagonal_rates",
+    "log_average",
+    "robust_rate",
+    "smooth_rate",
+    "spike",
+    "step_scale",
+]
+
+
+def smooth_rate(
+    old: float,
+    proposed: float,
+    *,
+    smoothing: float,
+    max_change: float | None,
+    space: str = "linear",
+) -> float:
+    """Algorithm 1, line 15: ``smoothing * old + (1 - smoothing) * proposed`` (``space="linear"``)
+    or the same average of logarithms (``space="log"``: a geometric mean, which noisy
+    proposals of very different sizes cannot drag upward), then the ratio to the old rate
+    clipped to ``[1 / max_change, max_change]`` when a bound is set."""
+    if space == "log":
+        new = math.exp(smoothing * math.log(old) + (1.0 - smoothing) * math.log(proposed))
+    else:
+        new = smoothing * old + (1.0 - smoothing) * proposed
+    if max_change is not None:
+        new = min(max(new, old / max_change), old * max_change)
+    return new
+
+
+def log_average(current: float, new: float, n_before: int, smoothing: float) -> float:
+    """Bias-corrected exponential average of logarithms: the ``(n_before + 1)``-th value of
+    ``exp(EMA(log x))`` when ``current`` is the average of the first ``n_before`` values (the
+    first value replaces ``current`` outright, as in Adam's bias correction)."""
+    weight = (1.0 - smoothing) / (1.0 - smoothing ** (n_before + 1))
+    return math.exp(math.log(current) + weight * (math.log(new) - math.log(current)))
+
+
+WARMUP_UPDATES = 4  # accepted fits during which an overshooting initial rate is cut at once
+WARMUP_GROWTH = 1.5  # and a longer proposal is taken at once, up to this factor per update
+
+
+@dataclass(frozen=True)
+class RobustStep:
+    """The outcome of :func:`robust_rate` for one group."""
+
+    rate: float
+    n_updates: int
+    action: str  # "update", "grow", "shrink" or "keep"
+
+
+def robust_rate(
+    rate: float,
+    n_updates: int,
+    decision: RateDecision,
+    b: float,
+    a: float,
+    *,
+    smoothing: float,
+    probe_reach: float,
+    resolved: bool = True,
+    growth: float = 2.0,
+    shrink: float = 0.5,
+) -> RobustStep:
+    """Hi-DLR's rate update with safeguards for what the fit cannot answer.
+
+    - an accepted fit moves the rate toward its proposal ``b/A`` by an exponential average
+      of log-rates, ``log new = smoothing * log rate + (1 - smoothing) * log(b/A)`` (no bias
+      correction: the first updates are as cautious as the later ones), the ratio clipped to
+      ``[1 / growth, growth]``. Shorter and longer proposals count alike: the rate tracks the
+      geometric mean of the proposals, not their lower envelope. (Taking shorter proposals at
+      once annealed the rates 10-100x below the best constant rate on the robustness
+      benchmark: each one-step optimum is noisy and its minima pile up.) Without the bias
+      correction, the rate cannot follow the huge proposals of a loss plateau within a few
+      probe steps, which with heavy momentum diverged once the plateau ended. Only during
+      the first ``WARMUP_UPDATES`` accepted fits is a proposal below half the rate (the
+      current step overshoots the minimum) taken at once, and a longer one taken up to
+      ``WARMUP_GROWTH`` times the rate: an initial rate far too large would otherwise blow
+      the loss up while the average comes down, and one far too small would take dozens of
+      probe steps to climb;
+    - a poor fit whose minimiser ``b/A`` lies below the current rate still lowers it, to the
+      geometric mean of the two (a shorter step is the safe side of a doubtful model);
+    - probes that saw no curvature (``A <= 0``, ``|A| * probe_reach <= 0.1 b``: the loss was
+      linear over the probes, ``probe_reach`` being the largest probe offset in rate units)
+      while descending, or whose losses differ by less than float32 can resolve
+      (``resolved=False``), mean the rate is too small to measure: it grows by ``growth``;
+    - probes that ascend (``b <= 0``, ``A > 0``) count as a proposal of ``shrink * rate`` in
+      the same average (a factor ``shrink ** (1 - smoothing)``): with probes on the next
+      batch, an ascent is as often the noise of one batch as a step that is too long, and
+      halving the rate on each one drove rates toward zero; a step that is really too long
+      keeps ascending, or blows up, or spikes;
+    - probes that blow up (a non-finite loss) shrink the rate by ``shrink`` at once.
+
+    ``n_updates`` counts the accepted fits since the start or since the rate last had to grow
+    without a fit (which starts the warm-up again).
+    """
+    if decision.accepted:
+        if n_updates < WARMUP_UPDATES and decision.proposed < 0.5 * rate:
+            return RobustStep(decision.proposed, n_updates + 1, "update")
+        if n_updates < WARMUP_UPDATES and decision.proposed > rate:
+            return RobustStep(min(decision.proposed, WARMUP_GROWTH * rate), n_updates + 1, "update")
+        new = smooth_rate(
+            rate, decision.proposed, smoothing=smoothing, max_change=growth, space="log"
+        )
+        return RobustStep(new, n_updates + 1, "update")
+    if decision.reason == "poor_fit" and a > 0 and b > 0 and b / a < rate:
+        return RobustStep(math.sqrt(rate * b / a), n_updates, "shrink")
+    if not resolved or (
+        decision.reason == "not_convex" and b > 0 and abs(a) * probe_reach <= 0.1 * b
+    ):
+        # grown without evidence: the warm-up starts again, so the first fits that see
+        # curvature can bring the rate back at once (a plateau that ends in a cliff)
+        return RobustStep(rate * growth, 0, "grow")
+    if decision.reason == "not_descent" and a > 0:
+        return RobustStep(rate * shrink ** (1.0 - smoothing), n_updates, "shrink")
+    if decision.reason == "nonfinite_probe":
+        return RobustStep(rate * shrink, n_updates, "shrink")
+    return RobustStep(rate, n_updates, "keep")
+
+
+def diagonal_rates(
+    fit: QuadraticFit,
+    decisions: Sequence[RateDecision],
+    active: Sequence[int],
+    rates: Sequence[float],
+    diag: Sequence[float],
+    counts: Sequence[int],
+    *,
+    policy: str,
+    smoothing: float,
+    reach: float,
+    max_rate_change: float | None,
+) -> tuple[list[float], list[int], list[str]]:
+    """Each group's own (diagonal) rate after one fit, by ``policy`` (``"robust"``:
+    :func:`robust_rate`; ``"paper"``: :func:`smooth_rate` on accepted fits only).
+
+    ``rates`` are the rates the probes were placed at, ``diag`` and ``counts`` each group's
+    diagonal rate and count of accepted fits before this one, ``reach`` the largest probe
+    multiplier in absolute value. Groups not in ``active`` keep theirs. Returns the new
+    diagonal rates, counts and the action taken per group.
+    """
+    diag, counts = list(diag), list(counts)
+    actions = ["keep"] * len(diag)
+    for k in active:
+        dec = decisions[k]
+        if policy == "robust":
+            out = robust_rate(
+                diag[k],
+                counts[k],
+                dec,
+                fit.b[k],
+                fit.A[k][k],
+                smoothing=smoothing,
+                probe_reach=reach * rates[k],
+                resolved=not fit.spread[k] < 1e-5 * abs(fit.intercept),
+            )
+            diag[k], counts[k], actions[k] = out.rate, out.n_updates, out.action
+            if max_rate_change is not None:
+                diag[k] = min(max(diag[k], rates[k] / max_rate_change), rates[k] * max_rate_change)
+        elif dec.accepted:
+            diag[k] = smooth_rate(
+                diag[k], dec.proposed, smoothing=smoothing, max_change=max_rate_change
+            )
+            counts[k] += 1
+            actions[k] = "update"
+    return diag, counts, actions
+
+
+def coupling_ratio(fit: QuadraticFit, steps: Sequence[float], loss_at_step: float) -> float | None:
+    """How much the diagonal model of eq. 3.1 over-estimates a combined step, from one probe.
+
+    ``steps[k]`` is group k's step in rate units (0 for a group that does not move) and
+    ``loss_at_step`` the loss measured at the combined step. Along it the loss is
+    ``L0 - B + C / 2`` with ``B = sum_k b_k steps_k``; the measurement gives the true ``C``,
+    the diagonal model predicts ``C_diag = sum_k A_kk steps_k^2``. Returns ``C_diag / C``:
+    1 for groups that do not interact, ``1/K`` for K groups whose steps act alike (LoRA A and B,
+    the sub-networks of an additive model); scaling diagonal rates by it is the Newton step
+    along the combined direction. ``None`` when the measurement says nothing usable.
+    """
+    moving = [(fit.b[k], fit.A[k][k], s) for k, s in enumerate(steps) if s != 0]
+    values = [loss_at_step, fit.intercept] + [v for m in moving for v in m[:2]]
+    if len(moving) < 2 or not all(math.isfinite(v) for v in values):
+        return None
+    slope = sum(b * s for b, _, s in moving)
+    predicted = sum(a * s * s for _, a, s in moving)
+    measured = 2.0 * (loss_at_step - fit.intercept + slope)
+    if predicted <= 0 or measured <= 0:
+        return None
+    return predicted / measured
+
+
+def step_scale(fit: QuadraticFit, steps: Sequence[float], loss_at_step: float) -> float:
+    """The fraction of a combined step to take now, from the loss measured at its end.
+
+    With ``B = sum_k b_k steps_k`` and the measured curvature ``C`` along the step (see
+    :func:`coupling_ratio`), the minimiser is at ``B / C`` of the step. Returns that fraction
+    when it is below 1, 0.5 when the step ascends (``B <= 0`` and a higher loss at its end),
+    and 1 otherwise (including when nothing usable was measured).
+    """
+    moving = [(fit.b[k], s) for k, s in enumerate(steps) if s != 0]
+    values = [loss_at_step, fit.intercept] + [b for b, _ in moving]
+    if not moving or not all(math.isfinite(v) for v in values):
+        return 0.5 if moving and not math.isfinite(loss_at_step) else 1.0
+    slope = sum(b * s for b, s in moving)
+    if slope <= 0:
+        return 0.5 if loss_at_step > fit.intercept else 1.0
+    curvature = 2.0 * (loss_at_step - fit.intercept + slope)
+    if curvature <= 0:
+        return 1.0
+    return min(1.0, slope / curvature)
+
+
+SPIKE_FACTOR = 4.0  # a fitted loss this many times its recent floor is a spike
+SPIKE_CUT = 0.1  # and cuts the rates by this factor
+SPIKE_WINDOW = 10  # probe steps the floor looks back over
+
+
+def spike(loss: float, recent: Sequence[float], factor: float = SPIKE_FACTOR) -> bool:
+    """Whether the unperturbed loss of this probe step is a spike: ``factor`` times the last
+    probe step's, or (with three steps of history) ``factor`` times the lowest recent one,
+    or not finite. The first rule also guards the probe steps just after a cut, when the
+    history starts again: a loss that keeps multiplying is cut again at once."""
+    if not recent:
+        return False
+    if not math.isfinite(loss) or (recent[-1] > 0 and loss > factor * recent[-1]):
+        return True
+    floor = min(recent)
+    return len(recent) >= 3 and floor > 0 and loss > factor * floor
