@@ -222,9 +222,11 @@ def test_rejected_probes_keep_third_party_optimizers_bit_identical(name):
     cls = third_party(name)
     data = regression()
     ref, model = small_mlp(), small_mlp()
-    ref_opt = cls(groups_of(ref), lr=1.0 if name != "schedulefree" else 0.01)
+    # Prodigy and D-Adaptation share one step size across groups: one group (Hi-ULR)
+    groups = groups_of if name == "schedulefree" else lambda m: m.parameters()
+    ref_opt = cls(groups(ref), lr=1.0 if name != "schedulefree" else 0.01)
     opt = paper(
-        cls(groups_of(model), lr=1.0 if name != "schedulefree" else 0.01),
+        cls(groups(model), lr=1.0 if name != "schedulefree" else 0.01),
         update_every=2,
         min_r2=NEVER,
     )
@@ -238,6 +240,24 @@ def test_rejected_probes_keep_third_party_optimizers_bit_identical(name):
     for s, r in zip(flat_state(opt), flat_state(ref_opt), strict=True):
         assert torch.equal(s, r)
     assert len(opt.history) == 4
+
+
+@pytest.mark.parametrize("name", ["prodigy", "dadapt_adam"])
+def test_shared_step_size_optimizers_take_one_group(name):
+    """Prodigy and D-Adaptation refuse different lr values per group (a RuntimeError at the
+    first step whose rates differ): refused at construction, and for a group added later;
+    with one group the rate adapts."""
+    cls, data = third_party(name), regression()
+    with pytest.raises(ValueError, match=r"optimizer must accept a different lr per param group"):
+        hidlr.HiDLR(cls(groups_of(small_mlp()), lr=1.0))
+    model = small_mlp()
+    opt = hidlr.HiDLR(cls(model[0].parameters(), lr=1.0), update_every=1)
+    with pytest.raises(ValueError, match="single param group"):
+        opt.add_param_group({"params": model[2].parameters()})
+    assert len(opt.param_groups) == 1
+    opt = hidlr.HiDLR(cls(model.parameters(), lr=1.0), update_every=1)
+    train(model, opt, data, 6)
+    assert opt.lrs[0] != 1.0 and any(r.groups[0].accepted for r in opt.history)
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adamw", "adagrad", "sage"])

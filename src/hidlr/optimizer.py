@@ -46,6 +46,26 @@ logger = logging.getLogger(__name__)
 
 Closure = Callable[[], Any]
 
+# base optimizers with one step size for all param groups, which refuse different lr values
+# per group (module, class): Hi-DLR can only give them one rate (one group)
+_SHARED_STEP_SIZE = {
+    ("prodigyopt.prodigy", "Prodigy"),
+    ("dadaptation.dadapt_adam", "DAdaptAdam"),
+    ("dadaptation.dadapt_sgd", "DAdaptSGD"),
+    ("dadaptation.dadapt_lion", "DAdaptLion"),
+}
+
+
+def _check_per_group_rates(optimizer: Optimizer) -> None:
+    cls = type(optimizer)
+    if (cls.__module__, cls.__name__) in _SHARED_STEP_SIZE and len(optimizer.param_groups) > 1:
+        raise ValueError(
+            f"optimizer must accept a different lr per param group for Hi-DLR to adapt them; "
+            f"{cls.__name__} shares one step size across groups and refuses that, got "
+            f"{len(optimizer.param_groups)} groups: give it a single param group (one adapted "
+            "rate, Hi-ULR), or use a base optimizer with per-group rates (SGD, Adam(W), ...)"
+        )
+
 
 @dataclass
 class _Pending:
@@ -93,7 +113,8 @@ class HiDLR(Optimizer):
             (3K passes) or ``(-2, 0, 2)`` (2K + 1 passes; with two points per group the fit
             is exact, so the ``min_r2`` guard can no longer reject a noisy fit).
         min_r2: accept a fit only when its :math:`R^2` on the group's probes exceeds this.
-            A value above 1 disables all updates (the rates stay at their initial values).
+            With ``policy="paper"``, a value above 1 disables all updates (the rates stay at
+            their initial values); the robust policy's safeguards still move them.
         coupled: fit the full matrix :math:`A` of eq. 2.4 (cross terms between groups, from
             ``K(K-1)`` additional probes moving two groups at once) and solve
             :math:`A \eta = b`; all groups of the fit are updated together or not at all.
@@ -172,6 +193,7 @@ class HiDLR(Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer other than HiDLR, got {type(optimizer).__name__}"
             )
+        _check_per_group_rates(optimizer)
         self.optimizer = optimizer
         self.options: dict[str, Any] = {
             "update_every": check_int("update_every", update_every, minimum=1),
@@ -252,6 +274,11 @@ class HiDLR(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
+        try:
+            _check_per_group_rates(self.optimizer)
+        except ValueError:
+            self.optimizer.param_groups.pop()
+            raise
         self._init_group(len(self.param_groups) - 1, self.param_groups[-1])
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -1,11 +1,16 @@
 """Integrations of Hi-DLR with third-party training stacks.
 
-Each submodule imports its third-party package on import; import the one you need:
+Import the submodule you need; those built on a third-party package import it on import:
 
 * :mod:`hidlr.integrations.transformers`: :class:`~hidlr.integrations.transformers.HiDLRTrainer`,
   a ``transformers.Trainer`` that trains with Hi-DLR (needs ``transformers`` and ``accelerate``).
+* :mod:`hidlr.integrations.lightning`: :class:`~hidlr.integrations.lightning.HiDLRCallback`
+  for Lightning (needs ``lightning``).
+* :mod:`hidlr.integrations.distributed`:
+  :class:`~hidlr.integrations.distributed.DistributedHiDLR` for DDP and FSDP2 (torch only).
 * :mod:`hidlr.integrations.tensorboard`: write Hi-DLR's diagnostics (rates, fit quality,
-  acceptance per group) to a TensorBoard ``SummaryWriter``.
+  acceptance per group) to anything with ``add_scalar``, such as a TensorBoard
+  ``SummaryWriter`` (no import of its own).
 
 :func:`find_hidlr` (here, no third-party import) finds the :class:`hidlr.HiDLR` inside the
 wrappers that ``accelerate`` and others put around an optimizer.
