@@ -331,6 +331,42 @@ def test_train_run_probes_the_chosen_batch(monkeypatch, probe_batch):
     assert all(torch.equal(x, expected[1]) for x in seen[per_step:])
 
 
+def test_train_run_heldout_probes_never_train_on_the_probe_data(monkeypatch):
+    from hidlr.experiments import training
+
+    probed: list[torch.Tensor] = []
+    trained: list[torch.Tensor] = []
+    probe_loss, batches = training._probe_loss, training._batches
+
+    def spy(problem, idx):
+        probed.append(idx.clone())
+        return probe_loss(problem, idx)
+
+    def spy_batches(n, batch_size, steps, seed):
+        out = batches(n, batch_size, steps, seed)
+        trained.extend(out[:steps])
+        return out
+
+    monkeypatch.setattr(training, "_probe_loss", spy)
+    monkeypatch.setattr(training, "_batches", spy_batches)
+    task = TASKS["friedman_mlp"]
+    training.train_run(
+        task,
+        0,
+        "hidlr",
+        task.grid[3],
+        probe_batch="heldout",
+        steps=9,
+        hidlr_options={"update_every": 4},
+    )
+    n = task.problem(0).train[0].shape[0]
+    start = n - n // 10
+    assert len(trained) == 9 and all(int(b.max()) < start for b in trained)
+    assert probed and all(int(p.min()) >= start and int(p.max()) < n for p in probed)
+    assert all(len(p) == task.batch_size for p in probed)
+    assert not torch.equal(probed[0], probed[-1])  # a fresh draw at each probe step
+
+
 def test_greedy_multipliers_are_the_exact_line_search_on_a_linear_model():
     from torch import nn
 

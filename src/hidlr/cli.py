@@ -185,11 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rob.add_argument(
         "--probe-batch",
-        choices=("next", "previous", "same", "both", "deferred"),
+        choices=("next", "previous", "same", "both", "deferred", "heldout"),
         default="next",
         help="the batch Hi-DLR and GeN probe: the next training batch (default), the last "
-        "step's, the gradient's own, the gradient's and the next together, or the gradient's "
-        "own with defer_probes (probed at the next step)",
+        "step's, the gradient's own, the gradient's and the next together, the gradient's "
+        "own with defer_probes (probed at the next step), or a random batch of a held-out "
+        "tenth of the training set (not trained on)",
     )
     rob.add_argument(
         "--schedule",

@@ -107,8 +107,10 @@ def train_run(
     ``probe_batch``: which batch Hi-DLR's closure evaluates, ``"next"`` (the following
     training batch, which is then also the next step's batch), ``"previous"`` (the last
     step's batch; the gradient's own on the first step), ``"same"`` (the gradient's own),
-    ``"both"`` (the gradient's and the next) or ``"deferred"`` (``defer_probes=True`` with the
-    gradient's own batch: a probe step is probed at the next step, on that step's batch). A run diverged if a training loss is not finite or the final validation loss is
+    ``"both"`` (the gradient's and the next), ``"deferred"`` (``defer_probes=True`` with the
+    gradient's own batch: a probe step is probed at the next step, on that step's batch) or
+    ``"heldout"`` (a batch drawn at random from the last tenth of the training set, which is
+    then never trained on: what probing on held-out data costs in training data). A run diverged if a training loss is not finite or the final validation loss is
     above the initial one.
     """
     if probe_batch == "deferred":
@@ -117,20 +119,26 @@ def train_run(
     model, (x, y) = problem.model, problem.train
     steps = task.steps if steps is None else steps
     built = build_method(task, problem, method, lr, steps, hidlr_options, schedule)
-    batches = _batches(x.shape[0], task.batch_size, steps, seed + 1000)
+    held = x.shape[0] // 10 if probe_batch == "heldout" else 0
+    batches = _batches(x.shape[0] - held, task.batch_size, steps, seed + 1000)
+    held_gen = torch.Generator().manual_seed(seed + 2000)
     initial = evaluate(problem)
     result = RunResult(task.name, method, seed, lr, math.nan, initial, False, 0.0, probe_batch)
     start = time.perf_counter()
     model.train()
     for step in range(steps):
         idx = batches[step]
-        probe_idx = {
-            "next": batches[step + 1],
-            "same": idx,
-            "both": torch.cat([idx, batches[step + 1]]),
-            "previous": batches[step - 1] if step > 0 else idx,
-            "deferred": idx,
-        }[probe_batch]
+        if probe_batch == "heldout":
+            draw = torch.randperm(held, generator=held_gen)[: task.batch_size]
+            probe_idx = x.shape[0] - held + draw
+        else:
+            probe_idx = {
+                "next": batches[step + 1],
+                "same": idx,
+                "both": torch.cat([idx, batches[step + 1]]),
+                "previous": batches[step - 1] if step > 0 else idx,
+                "deferred": idx,
+            }[probe_batch]
         built.optimizer.zero_grad()
         loss = problem.loss_fn(model(x[idx]), y[idx])
         if not math.isfinite(loss.item()):
