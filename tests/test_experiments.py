@@ -365,6 +365,9 @@ def test_train_run_heldout_probes_never_train_on_the_probe_data(monkeypatch):
     assert probed and all(int(p.min()) >= start and int(p.max()) < n for p in probed)
     assert all(len(p) == task.batch_size for p in probed)
     assert not torch.equal(probed[0], probed[-1])  # a fresh draw at each probe step
+    trained.clear()
+    training.train_run(task, 0, "constant", task.grid[3], probe_batch="heldout", steps=9)
+    assert any(int(b.max()) >= start for b in trained)  # methods that do not probe: all the data
 
 
 def test_greedy_multipliers_are_the_exact_line_search_on_a_linear_model():
