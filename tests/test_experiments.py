@@ -368,6 +368,9 @@ def test_train_run_heldout_probes_never_train_on_the_probe_data(monkeypatch):
     trained.clear()
     training.train_run(task, 0, "constant", task.grid[3], probe_batch="heldout", steps=9)
     assert any(int(b.max()) >= start for b in trained)  # methods that do not probe: all the data
+    probed.clear()
+    training.train_run(task, 0, "hidlr_sage", task.grid[3], probe_batch="heldout", steps=5)
+    assert probed and all(len(p) == task.batch_size and int(p.min()) >= start for p in probed)
 
 
 def test_greedy_multipliers_are_the_exact_line_search_on_a_linear_model():

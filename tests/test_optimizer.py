@@ -250,6 +250,9 @@ def test_shared_step_size_optimizers_take_one_group(name):
     cls, data = third_party(name), regression()
     with pytest.raises(ValueError, match=r"optimizer must accept a different lr per param group"):
         hidlr.HiDLR(cls(groups_of(small_mlp()), lr=1.0))
+    subclass = type("Mine", (cls,), {})  # a subclass shares the step size too
+    with pytest.raises(ValueError, match="shares one step size"):
+        hidlr.HiDLR(subclass(groups_of(small_mlp()), lr=1.0))
     model = small_mlp()
     opt = hidlr.HiDLR(cls(model[0].parameters(), lr=1.0), update_every=1)
     with pytest.raises(ValueError, match="single param group"):
@@ -258,6 +261,15 @@ def test_shared_step_size_optimizers_take_one_group(name):
     opt = hidlr.HiDLR(cls(model.parameters(), lr=1.0), update_every=1)
     train(model, opt, data, 6)
     assert opt.lrs[0] != 1.0 and any(r.groups[0].accepted for r in opt.history)
+
+
+def test_dadaptation_variants_that_ignore_other_groups_lr_are_refused():
+    """DAdaptAdaGrad and DAdaptAdan read only the first group's lr: with two groups the second
+    would step at the first one's rate while Hi-DLR reports its own."""
+    dadapt = pytest.importorskip("dadaptation")
+    for cls in (dadapt.DAdaptAdaGrad, dadapt.DAdaptAdan):
+        with pytest.raises(ValueError, match=cls.__name__):
+            hidlr.HiDLR(cls(groups_of(small_mlp()), lr=1.0))
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adamw", "adagrad", "sage"])

@@ -46,19 +46,16 @@ logger = logging.getLogger(__name__)
 
 Closure = Callable[[], Any]
 
-# base optimizers with one step size for all param groups, which refuse different lr values
-# per group (module, class): Hi-DLR can only give them one rate (one group)
-_SHARED_STEP_SIZE = {
-    ("prodigyopt.prodigy", "Prodigy"),
-    ("dadaptation.dadapt_adam", "DAdaptAdam"),
-    ("dadaptation.dadapt_sgd", "DAdaptSGD"),
-    ("dadaptation.dadapt_lion", "DAdaptLion"),
-}
+# packages whose optimizers use one step size for all param groups: they refuse different lr
+# values per group (Prodigy, DAdaptAdam, DAdaptSGD, DAdaptLion) or read the first group's
+# only (DAdaptAdaGrad, DAdaptAdan), so Hi-DLR can only give them one rate (one group)
+_SHARED_STEP_SIZE = ("prodigyopt", "dadaptation")
 
 
 def _check_per_group_rates(optimizer: Optimizer) -> None:
     cls = type(optimizer)
-    if (cls.__module__, cls.__name__) in _SHARED_STEP_SIZE and len(optimizer.param_groups) > 1:
+    shared = any(c.__module__.partition(".")[0] in _SHARED_STEP_SIZE for c in cls.__mro__)
+    if shared and len(optimizer.param_groups) > 1:
         raise ValueError(
             f"optimizer must accept a different lr per param group for Hi-DLR to adapt them; "
             f"{cls.__name__} shares one step size across groups and refuses that, got "

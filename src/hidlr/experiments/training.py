@@ -109,9 +109,10 @@ def train_run(
     step's batch; the gradient's own on the first step), ``"same"`` (the gradient's own),
     ``"both"`` (the gradient's and the next), ``"deferred"`` (``defer_probes=True`` with the
     gradient's own batch: a probe step is probed at the next step, on that step's batch) or
-    ``"heldout"`` (a batch drawn at random from the last tenth of the training set, which Hi-DLR
-    and GeN then never train on, while the other methods train on all of it: the comparison
-    includes what probing on held-out data costs in training data). A run diverged if a training loss is not finite or the final validation loss is
+    ``"heldout"`` (a batch drawn at random from the last tenth of the training set, which the
+    methods built on Hi-DLR then never train on, while the other methods train on all of it: the
+    comparison includes what probing on held-out data costs in training data; where a batch is
+    larger than that tenth, the probes see all of it). A run diverged if a training loss is not finite or the final validation loss is
     above the initial one.
     """
     if probe_batch == "deferred":
@@ -120,8 +121,10 @@ def train_run(
     model, (x, y) = problem.model, problem.train
     steps = task.steps if steps is None else steps
     built = build_method(task, problem, method, lr, steps, hidlr_options, schedule)
-    # held-out probes cost the methods that probe a tenth of the data; the others train on all
-    held = x.shape[0] // 10 if probe_batch == "heldout" and method in ("hidlr", "gen") else 0
+    # held-out probes cost the methods that probe (Hi-DLR in any form) a tenth of the data; the
+    # others train on all of it
+    probing = isinstance(built.optimizer, HiDLR)
+    held = x.shape[0] // 10 if probe_batch == "heldout" and probing else 0
     batches = _batches(x.shape[0] - held, task.batch_size, steps, seed + 1000)
     held_gen = torch.Generator().manual_seed(seed + 2000)
     initial = evaluate(problem)
