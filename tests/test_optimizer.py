@@ -325,6 +325,45 @@ def test_dropout_batchnorm_training_is_bit_identical_when_nothing_is_accepted():
     assert len(opt.history) == 4
 
 
+class _Branches(nn.Module):
+    """Branch ``a`` or, when ``use_b`` is set, branch ``b`` with its own BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 1).to(F64)
+        self.b = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(F64)
+        self.use_b = False
+
+    def forward(self, x):
+        return self.b(x) if self.use_b else self.a(x)
+
+
+def test_later_probes_restore_modules_the_first_probe_did_not_run_without_a_global_hook():
+    """After the first probe the guard covers every submodule of what ran and drops its global
+    forward hook (which slows every module call): a branch taken only by later probes (an
+    expert a router picks once the weights move) still leaves its BatchNorm statistics as
+    they were."""
+    x, y = regression(n=32)
+    model = _Branches()
+    before = {k: v.clone() for k, v in model.b.state_dict().items()}
+    opt = hidlr.HiDLR(torch.optim.SGD(model.parameters(), lr=0.01), update_every=1)
+    hooks, calls = [], []
+
+    def closure():
+        model.use_b = len(calls) > 0  # the first probe runs branch a, the later ones branch b
+        calls.append(1)
+        hooks.append(len(nn.modules.module._global_forward_pre_hooks))
+        return nn.functional.mse_loss(model(x), y)
+
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step(closure)
+    assert len(calls) == 4 and hooks == [1, 0, 0, 0]
+    for k, v in model.b.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running statistics and num_batches_tracked
+    assert model.b[1].num_batches_tracked.item() == 0
+
+
 def test_probes_share_random_numbers_and_do_not_consume_them():
     w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=F64))
     seen = []
