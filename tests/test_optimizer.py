@@ -2,6 +2,7 @@
 
 import copy
 import json
+import warnings
 from functools import partial
 
 import pytest
@@ -362,6 +363,39 @@ def test_later_probes_restore_modules_the_first_probe_did_not_run_without_a_glob
     for k, v in model.b.state_dict().items():
         assert torch.equal(v, before[k]), k  # running statistics and num_batches_tracked
     assert model.b[1].num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("mode", ["torch.compile", "module.compile"])
+def test_compiled_models_keep_their_batchnorm_statistics_through_probes(mode):
+    """Under torch.compile the buffer guard's hook is called as it is (never compiled): with a
+    compiled wrapper (torch.compile) and with a module compiled in place (Module.compile),
+    probes leave BatchNorm's statistics as the training step left them, and no warning
+    about the guard's hook reaches the user."""
+    x, y = regression(n=64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1)).to(F64)
+    if mode == "module.compile":
+        model.compile()
+        forward = model
+    else:
+        forward = torch.compile(model)
+    opt = hidlr.HiDLR(
+        torch.optim.SGD(
+            [{"params": model[0].parameters()}, {"params": model[1:].parameters()}], lr=0.01
+        ),
+        update_every=2,
+    )
+    bn = model[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for _ in range(6):
+            opt.zero_grad()
+            nn.functional.mse_loss(forward(x), y).backward()
+            before = bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
+            opt.step(lambda: nn.functional.mse_loss(forward(x), y))
+            after = bn.running_mean, bn.running_var, bn.num_batches_tracked
+            assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert len(opt.history) == 3 and opt.lrs != [0.01, 0.01]
 
 
 def test_probes_share_random_numbers_and_do_not_consume_them():

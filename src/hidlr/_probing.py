@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -217,64 +218,68 @@ class GroupMover:
 class BufferGuard:
     """Restores every buffer that a module called during probing changed in place.
 
-    During the first probe, a global forward pre-hook snapshots a module's buffers the first
-    time it runs; after each probe they are all copied back (BatchNorm's running statistics and
-    ``num_batches_tracked`` among them). Version counters cannot tell which changed: native
-    kernels such as batch norm update their running statistics without bumping them.
+    During the first probe, a global forward pre-hook snapshots, before a module runs for the
+    first time, the buffers of that module and of all its submodules (experts a router did not
+    pick, branches not taken; the whole model when the model itself is called); after each probe
+    they are all copied back (BatchNorm's running statistics and ``num_batches_tracked`` among
+    them). Version counters cannot tell which changed: native kernels such as batch norm update
+    their running statistics without bumping them.
 
-    After the first probe the guard also snapshots the buffers of every submodule of the
-    modules that ran (experts a router did not pick, branches not taken) and removes the hook:
-    any global hook sends every module call through torch's slow path, about 0.1 ms per forward
-    pass of the benchmark's models. Later probes are guarded without it, unless they run a
-    module outside the models the first probe called.
+    The hook is removed after the first probe: any global hook sends every module call through
+    torch's slow path, about 0.1 ms per forward pass of the benchmark's models. Later probes
+    are guarded without it, unless they run a module outside what the first probe called.
+    The hook is one function for all guards and is never compiled (``torch.compile`` calls
+    it as it is, and does not recompile for each new guard).
     """
 
     def __init__(self) -> None:
-        self._seen: dict[int, nn.Module] = {}
+        self._covered: set[nn.Module] = set()
         self._buffers: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
         self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._outer: BufferGuard | None = None
 
-    def _snapshot(self, module: nn.Module) -> None:
-        self._seen[id(module)] = module
-        for buf in module.buffers(recurse=False):
-            if buf is not None:
-                self._buffers.append(buf)
-                self._saved.append(buf.detach().clone())
-
-    def _hook(self, module: nn.Module, args: object) -> None:
-        if id(module) not in self._seen:
-            self._snapshot(module)
+    def cover(self, module: nn.Module) -> None:
+        if module in self._covered:
+            return
+        for _, sub in module.named_modules(memo=self._covered):  # adds to the memo
+            for buf in sub.buffers(recurse=False):
+                if buf is not None:
+                    self._buffers.append(buf)
+                    self._saved.append(buf.detach().clone())
 
     def __enter__(self) -> BufferGuard:
-        self._handle = nn.modules.module.register_module_forward_pre_hook(self._hook)
+        global _ACTIVE_GUARD
+        self._outer, _ACTIVE_GUARD = _ACTIVE_GUARD, self
+        self._handle = nn.modules.module.register_module_forward_pre_hook(_guard_hook)
         return self
 
     def restore(self) -> None:
         if self._buffers:
             torch._foreach_copy_(self._buffers, self._saved)
-        if self._handle is not None and self._seen:
-            self._seal()
-
-    def _seal(self) -> None:
-        """Cover the submodules of every module that ran, then drop the global hook."""
-        assert self._handle is not None
-        self._handle.remove()
-        self._handle = None
-        memo: set[nn.Module] = set()  # shared: each subtree is walked once
-        for module in list(self._seen.values()):
-            for _, sub in module.named_modules(memo=memo):
-                if id(sub) not in self._seen:
-                    self._snapshot(sub)
+        if self._handle is not None and self._covered:
+            self._handle.remove()  # the first probe found what runs: no slow path from here on
+            self._handle = None
 
     def __exit__(self, *exc: object) -> None:
+        global _ACTIVE_GUARD
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
         self.restore()
-        self._seen.clear()
+        _ACTIVE_GUARD, self._outer = self._outer, None
+        self._covered.clear()
         self._buffers.clear()
         self._saved.clear()
+
+
+_ACTIVE_GUARD: BufferGuard | None = None  # the guard of the probe in progress
+
+
+@torch.compiler.disable
+def _guard_hook(module: nn.Module, args: object) -> None:
+    if _ACTIVE_GUARD is not None:
+        _ACTIVE_GUARD.cover(module)
 
 
 class RngReplay:
@@ -302,5 +307,8 @@ class RngReplay:
 @contextlib.contextmanager
 def probe_context(devices: list[torch.device]) -> Iterator[tuple[RngReplay, BufferGuard]]:
     """No autograd, replayed random numbers, guarded buffers."""
-    with torch.no_grad(), RngReplay(devices) as rng, BufferGuard() as guard:
-        yield rng, guard
+    with torch.no_grad(), RngReplay(devices) as rng, warnings.catch_warnings():
+        # the guard's hook firing for a torch.compile wrapper is what covers the model in it
+        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there")
+        with BufferGuard() as guard:
+            yield rng, guard

@@ -180,7 +180,7 @@ def _patch_hidlr(timers: _Timers) -> None:
         (probing, "_exchange", "exchanges (pointer or XOR swaps)"),
         (probing.GroupMover, "move", "moves (lerp, copy)"),
         (probing.GroupMover, "finish", "moves (lerp, copy)"),
-        (probing.BufferGuard, "_hook", "buffer guard (hooks, restore)"),
+        (probing.BufferGuard, "cover", "buffer guard (hooks, restore)"),
         (probing.BufferGuard, "restore", "buffer guard (hooks, restore)"),
         (probing.RngReplay, "__enter__", "RNG save/replay"),
         (probing.RngReplay, "replay", "RNG save/replay"),
