@@ -371,6 +371,10 @@ def test_compiled_models_keep_their_batchnorm_statistics_through_probes(mode):
     compiled wrapper (torch.compile) and with a module compiled in place (Module.compile),
     probes leave BatchNorm's statistics as the training step left them, and no warning
     about the guard's hook reaches the user."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     x, y = regression(n=64)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1)).to(F64)
@@ -396,6 +400,9 @@ def test_compiled_models_keep_their_batchnorm_statistics_through_probes(mode):
             after = bn.running_mean, bn.running_var, bn.num_batches_tracked
             assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert len(opt.history) == 3 and opt.lrs != [0.01, 0.01]
+    # no recompilation per probe step (a new hook object each step recompiled until the limit)
+    assert not any("recompile limit" in reason for reason in counters["unimplemented"])
+    assert counters["stats"]["unique_graphs"] <= 2
 
 
 def test_probes_share_random_numbers_and_do_not_consume_them():
