@@ -228,8 +228,8 @@ class BufferGuard:
     The hook is removed after the first probe: any global hook sends every module call through
     torch's slow path, about 0.1 ms per forward pass of the benchmark's models. Later probes
     are guarded without it, unless they run a module outside what the first probe called.
-    The hook is one function for all guards and is never compiled (``torch.compile`` calls
-    it as it is, and does not recompile for each new guard).
+    The hook is one function for all guards, and under ``torch.compile`` its work runs outside
+    the graph (a graph break, not a recompilation for each new guard).
     """
 
     def __init__(self) -> None:
@@ -276,8 +276,15 @@ class BufferGuard:
 _ACTIVE_GUARD: BufferGuard | None = None  # the guard of the probe in progress
 
 
-@torch.compiler.disable
 def _guard_hook(module: nn.Module, args: object) -> None:
+    if torch.compiler.is_compiling():
+        _cover_outside_the_graph(module)  # a graph break: runs as plain Python
+    elif _ACTIVE_GUARD is not None:
+        _ACTIVE_GUARD.cover(module)
+
+
+@torch.compiler.disable
+def _cover_outside_the_graph(module: nn.Module) -> None:
     if _ACTIVE_GUARD is not None:
         _ACTIVE_GUARD.cover(module)
 
