@@ -339,38 +339,46 @@ class _Branches(nn.Module):
         return self.b(x) if self.use_b else self.a(x)
 
 
-def test_later_probes_restore_modules_the_first_probe_did_not_run_without_a_global_hook():
-    """After the first probe the guard covers every submodule of what ran and drops its global
-    forward hook (which slows every module call): a branch taken only by later probes (an
-    expert a router picks once the weights move) still leaves its BatchNorm statistics as
-    they were."""
+def test_probes_restore_modules_that_only_later_probes_run():
+    """A branch taken only by later probes (an expert a router picks once the weights move),
+    a separate module the closure calls only from the second probe on, and a buffer that a
+    forward replaces (not modifies) all end as they were; the guard's hook is gone after."""
     x, y = regression(n=32)
     model = _Branches()
-    before = {k: v.clone() for k, v in model.b.state_dict().items()}
+    aux = nn.BatchNorm1d(1).to(F64)
+    aux.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+    aux.register_forward_pre_hook(lambda m, a: setattr(m, "calls", m.calls + 1))  # replaces
+    before = {k: v.clone() for k, v in [*model.b.state_dict().items(), *aux.state_dict().items()]}
+    calls_buffer = aux.calls
     opt = hidlr.HiDLR(torch.optim.SGD(model.parameters(), lr=0.01), update_every=1)
-    hooks, calls = [], []
+    calls = []
 
     def closure():
-        model.use_b = len(calls) > 0  # the first probe runs branch a, the later ones branch b
+        later = len(calls) > 0
+        model.use_b = later  # the first probe runs branch a, the later ones branch b and aux
         calls.append(1)
-        hooks.append(len(nn.modules.module._global_forward_pre_hooks))
-        return nn.functional.mse_loss(model(x), y)
+        out = model(x)
+        return nn.functional.mse_loss(aux(out) if later else out, y)
 
     opt.zero_grad()
     nn.functional.mse_loss(model(x), y).backward()
+    hooks = len(nn.modules.module._global_forward_pre_hooks)
     opt.step(closure)
-    assert len(calls) == 4 and hooks == [1, 0, 0, 0]
-    for k, v in model.b.state_dict().items():
-        assert torch.equal(v, before[k]), k  # running statistics and num_batches_tracked
-    assert model.b[1].num_batches_tracked.item() == 0
+    assert len(calls) == 4
+    after = dict([*model.b.state_dict().items(), *aux.state_dict().items()])
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k  # running statistics, num_batches_tracked, calls
+    assert aux.calls is calls_buffer  # the replaced buffer's original tensor is back
+    assert len(nn.modules.module._global_forward_pre_hooks) == hooks
+    assert hidlr._probing._ACTIVE_GUARD is None
 
 
 @pytest.mark.parametrize("mode", ["torch.compile", "module.compile"])
 def test_compiled_models_keep_their_batchnorm_statistics_through_probes(mode):
     """Under torch.compile the buffer guard's hook is called as it is (never compiled): with a
     compiled wrapper (torch.compile) and with a module compiled in place (Module.compile),
-    probes leave BatchNorm's statistics as the training step left them, and no warning
-    about the guard's hook reaches the user."""
+    probes leave BatchNorm's statistics as the training step left them, and torch's warning
+    about global hooks (the guard's) does not reach the user."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -390,8 +398,7 @@ def test_compiled_models_keep_their_batchnorm_statistics_through_probes(mode):
         update_every=2,
     )
     bn = model[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+    with warnings.catch_warnings(record=True) as caught:  # the filters as the user has them
         for _ in range(6):
             opt.zero_grad()
             nn.functional.mse_loss(forward(x), y).backward()
@@ -399,10 +406,38 @@ def test_compiled_models_keep_their_batchnorm_statistics_through_probes(mode):
             opt.step(lambda: nn.functional.mse_loss(forward(x), y))
             after = bn.running_mean, bn.running_var, bn.num_batches_tracked
             assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert not [w for w in caught if "global hooks" in str(w.message)]
     assert len(opt.history) == 3 and opt.lrs != [0.01, 0.01]
     # no recompilation per probe step (a new hook object each step recompiled until the limit)
     assert not any("recompile limit" in reason for reason in counters["unimplemented"])
     assert counters["stats"]["unique_graphs"] <= 2
+
+
+def test_probes_do_not_make_the_users_once_warnings_repeat():
+    """Changing warning filters resets Python's record of warnings already shown: the guard
+    adds its one filter once, not around every probe step."""
+
+    class Noisy(nn.Linear):
+        def forward(self, x):
+            warnings.warn("mine", UserWarning, stacklevel=1)
+            return super().forward(x)
+
+    x, y = regression(n=16)
+    model = Noisy(5, 1).to(F64)
+    opt = hidlr.HiDLR(torch.optim.SGD(model.parameters(), lr=0.01), update_every=1)
+
+    def step():
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step(lambda: nn.functional.mse_loss(model(x), y))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # once per location
+        step()  # the guard adds its filter here
+        caught.clear()
+        for _ in range(5):
+            step()
+    assert [str(w.message) for w in caught] == []
 
 
 def test_probes_share_random_numbers_and_do_not_consume_them():

@@ -216,24 +216,23 @@ class GroupMover:
 
 
 class BufferGuard:
-    """Restores every buffer that a module called during probing changed in place.
+    """Restores every buffer that a module called during probing changed or replaced.
 
-    During the first probe, a global forward pre-hook snapshots, before a module runs for the
-    first time, the buffers of that module and of all its submodules (experts a router did not
-    pick, branches not taken; the whole model when the model itself is called); after each probe
-    they are all copied back (BatchNorm's running statistics and ``num_batches_tracked`` among
-    them). Version counters cannot tell which changed: native kernels such as batch norm update
-    their running statistics without bumping them.
+    While the guard is active, a global forward pre-hook snapshots, before a module runs for
+    the first time, the buffers of that module and of all its submodules (experts a router did
+    not pick, branches not taken); after each probe they are all put back (BatchNorm's running
+    statistics and ``num_batches_tracked`` among them): copied back in place, and re-attached
+    where a forward replaced a buffer with a new tensor. Version counters cannot tell which
+    changed: native kernels such as batch norm update their running statistics without bumping
+    them.
 
-    The hook is removed after the first probe: any global hook sends every module call through
-    torch's slow path, about 0.1 ms per forward pass of the benchmark's models. Later probes
-    are guarded without it, unless they run a module outside what the first probe called.
-    The hook is one function for all guards, and under ``torch.compile`` its work runs outside
-    the graph (a graph break, not a recompilation for each new guard).
+    The hook is one function for all guards (``torch.compile`` does not recompile for each new
+    guard); inside compiled code its work runs as a graph break.
     """
 
     def __init__(self) -> None:
         self._covered: set[nn.Module] = set()
+        self._owners: list[tuple[nn.Module, str]] = []
         self._buffers: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
         self._handle: torch.utils.hooks.RemovableHandle | None = None
@@ -243,34 +242,40 @@ class BufferGuard:
         if module in self._covered:
             return
         for _, sub in module.named_modules(memo=self._covered):  # adds to the memo
-            for buf in sub.buffers(recurse=False):
+            for name, buf in sub._buffers.items():
                 if buf is not None:
+                    saved = buf.detach().clone()  # first: a failed clone records nothing
+                    self._owners.append((sub, name))
                     self._buffers.append(buf)
-                    self._saved.append(buf.detach().clone())
+                    self._saved.append(saved)
 
     def __enter__(self) -> BufferGuard:
         global _ACTIVE_GUARD
         self._outer, _ACTIVE_GUARD = _ACTIVE_GUARD, self
+        _ignore_compile_hook_warning()
         self._handle = nn.modules.module.register_module_forward_pre_hook(_guard_hook)
         return self
 
     def restore(self) -> None:
+        for (module, name), buf in zip(self._owners, self._buffers, strict=True):
+            if module._buffers.get(name) is not buf:
+                module._buffers[name] = buf  # the forward replaced it: the original goes back
         if self._buffers:
             torch._foreach_copy_(self._buffers, self._saved)
-        if self._handle is not None and self._covered:
-            self._handle.remove()  # the first probe found what runs: no slow path from here on
-            self._handle = None
 
     def __exit__(self, *exc: object) -> None:
         global _ACTIVE_GUARD
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self.restore()
-        _ACTIVE_GUARD, self._outer = self._outer, None
-        self._covered.clear()
-        self._buffers.clear()
-        self._saved.clear()
+        try:
+            if self._handle is not None:
+                self._handle.remove()
+                self._handle = None
+            self.restore()
+        finally:
+            _ACTIVE_GUARD, self._outer = self._outer, None
+            self._covered.clear()
+            self._owners.clear()
+            self._buffers.clear()
+            self._saved.clear()
 
 
 _ACTIVE_GUARD: BufferGuard | None = None  # the guard of the probe in progress
@@ -287,6 +292,21 @@ def _guard_hook(module: nn.Module, args: object) -> None:
 def _cover_outside_the_graph(module: nn.Module) -> None:
     if _ACTIVE_GUARD is not None:
         _ACTIVE_GUARD.cover(module)
+
+
+# the guard's hook fires an extra time for a torch.compile wrapper, as torch warns: that call
+# is what covers the model inside it
+_COMPILE_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
+
+
+def _ignore_compile_hook_warning() -> None:
+    """Add the filter for that warning unless it is there (changing the filters at every probe
+    step would make the user's own "once" warnings repeat; a ``catch_warnings`` block around
+    the import may have dropped it)."""
+    for action, message, *_ in warnings.filters:
+        if action == "ignore" and message is not None and message.pattern == _COMPILE_HOOK_WARNING:
+            return
+    warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING)
 
 
 class RngReplay:
@@ -314,8 +334,5 @@ class RngReplay:
 @contextlib.contextmanager
 def probe_context(devices: list[torch.device]) -> Iterator[tuple[RngReplay, BufferGuard]]:
     """No autograd, replayed random numbers, guarded buffers."""
-    with torch.no_grad(), RngReplay(devices) as rng, warnings.catch_warnings():
-        # the guard's hook firing for a torch.compile wrapper is what covers the model in it
-        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there")
-        with BufferGuard() as guard:
-            yield rng, guard
+    with torch.no_grad(), RngReplay(devices) as rng, BufferGuard() as guard:
+        yield rng, guard
