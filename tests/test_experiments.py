@@ -294,8 +294,8 @@ def test_missing_data_gives_the_install_command(tmp_path):
         fashion_mnist(tmp_path)
 
 
-@pytest.mark.parametrize("probe_batch", ["next", "previous", "same", "both", "deferred"])
-def test_train_run_probes_the_chosen_batch(monkeypatch, probe_batch):
+def _record_probes(monkeypatch) -> list[torch.Tensor]:
+    """The example indices of every probe ``train_run`` evaluates, in order."""
     from hidlr.experiments import training
 
     seen: list[torch.Tensor] = []
@@ -306,6 +306,14 @@ def test_train_run_probes_the_chosen_batch(monkeypatch, probe_batch):
         return probe_loss(problem, idx)
 
     monkeypatch.setattr(training, "_probe_loss", spy)
+    return seen
+
+
+@pytest.mark.parametrize("probe_batch", ["next", "previous", "same", "both", "deferred"])
+def test_train_run_probes_the_chosen_batch(monkeypatch, probe_batch):
+    from hidlr.experiments import training
+
+    seen = _record_probes(monkeypatch)
     task = TASKS["logistic_wide"]
     training.train_run(
         task,
@@ -334,20 +342,15 @@ def test_train_run_probes_the_chosen_batch(monkeypatch, probe_batch):
 def test_train_run_heldout_probes_never_train_on_the_probe_data(monkeypatch):
     from hidlr.experiments import training
 
-    probed: list[torch.Tensor] = []
+    probed = _record_probes(monkeypatch)
     trained: list[torch.Tensor] = []
-    probe_loss, batches = training._probe_loss, training._batches
-
-    def spy(problem, idx):
-        probed.append(idx.clone())
-        return probe_loss(problem, idx)
+    batches = training._batches
 
     def spy_batches(n, batch_size, steps, seed):
         out = batches(n, batch_size, steps, seed)
         trained.extend(out[:steps])
         return out
 
-    monkeypatch.setattr(training, "_probe_loss", spy)
     monkeypatch.setattr(training, "_batches", spy_batches)
     task = TASKS["friedman_mlp"]
     training.train_run(
