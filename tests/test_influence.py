@@ -131,6 +131,50 @@ def test_checkpoint_from_before_freezing_restores_the_group(tmp_path):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_parameters_the_user_froze_stay_frozen(tmp_path):
+    def build():
+        model = two_part_model()
+        mine = [nn.Parameter(torch.zeros(2), requires_grad=False) for _ in range(2)]
+        base = torch.optim.Adam(
+            [
+                {"params": [*model["useful"].parameters(), mine[0]]},
+                {"params": [*model["useless"].parameters(), mine[1]]},
+            ],
+            lr=0.01,
+        )
+        opt = hidlr.HiDLR(base, update_every=2, freeze_threshold=0.02, freeze_warmup=3)
+        return model, mine, opt
+
+    model, mine, opt = build()
+    run(model, opt, 2)
+    torch.save(opt.state_dict(), tmp_path / "before.pt")
+    run(model, opt, 4)
+    assert opt.frozen == [False, True] and not model["useless"].weight.requires_grad
+    opt.unfreeze(1)
+    assert model["useless"].weight.requires_grad and not mine[1].requires_grad
+    opt.freeze(1)
+    opt.freeze(1)  # twice: what unfreeze puts back is still what the first freeze found
+    opt.load_state_dict(torch.load(tmp_path / "before.pt", weights_only=True))
+    assert opt.frozen == [False, False] and model["useless"].weight.requires_grad
+    assert not mine[0].requires_grad and not mine[1].requires_grad
+
+    # a fresh process resuming: groups Hi-DLR never froze are left as the user set them
+    model2, mine2, opt2 = build()
+    opt2.load_state_dict(torch.load(tmp_path / "before.pt", weights_only=True))
+    assert not mine2[0].requires_grad and not mine2[1].requires_grad
+
+
+def test_freezing_logs_the_share_the_group_had(caplog):
+    model = two_part_model()
+    opt = make(model)
+    with caplog.at_level("INFO", logger="hidlr.optimizer"):
+        run(model, opt, 6)
+    assert opt.frozen == [False, True]
+    (message,) = [r.getMessage() for r in caplog.records if "froze group 1" in r.getMessage()]
+    share = opt.history[-1].groups[1].share  # recorded at the probe step that froze it
+    assert 0 < share < 0.02 and message.endswith(f"(influence share {share:.3g})")
+
+
 def test_budget_keeps_the_most_influential():
     model = two_part_model()
     opt = make(model, freeze_budget=1)

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import warnings
 from functools import partial
 
@@ -808,8 +809,20 @@ def test_history_is_bounded_and_exports(tmp_path):
     saved = json.loads(hidlr.save_history(opt.history, tmp_path / "h.json").read_text())
     assert [r["group"] for r in saved] == [0, 1] * 3
     assert saved[0]["b"] == pytest.approx(opt.history[0].groups[0].b)
+    robust = hidlr.HiDLR(torch.optim.Adam(groups_of(model), lr=0.01), update_every=1)
+    train(model, robust, data, 2)
+    last = robust.history[-1]  # the robust policy's joint check is exported too
+    assert math.isfinite(last.step_loss) and math.isfinite(last.coupling)
+    row = hidlr.history_rows(robust.history)[-1]
+    assert [row[k] for k in ("step_loss", "coupling_ratio", "coupling")] == [
+        last.step_loss,
+        last.coupling_ratio,
+        last.coupling,
+    ]
     lines = hidlr.save_history(opt.history, tmp_path / "h.csv").read_text().splitlines()
-    assert lines[0].startswith("step,loss,n_probes,group,lr_before,lr_after,proposed,b,A,r2")
+    assert lines[0].startswith(
+        "step,loss,n_probes,step_loss,coupling_ratio,coupling,group,lr_before,lr_after,proposed"
+    )
     assert len(lines) == 7
 
 
@@ -902,6 +915,17 @@ def test_add_param_group_and_repr():
     assert opt.lrs == [0.1, 0.3]
     assert "update_every=4" in repr(opt) and "SGD" in repr(opt)
     assert copy.deepcopy(opt).lrs == [0.1, 0.3]
+
+
+def test_a_rejected_param_group_is_not_kept():
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = hidlr.HiDLR(torch.optim.SGD([a], lr=0.1), update_every=1)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\] must be a finite float > 0"):
+        opt.add_param_group({"params": [b], "lr": 0.0})
+    assert len(opt.param_groups) == 1
+    a.grad = torch.ones(2)
+    opt.step(lambda: (a**2).sum())  # still steps
+    assert opt.lrs[0] > 0 and not torch.equal(a.detach(), torch.ones(2))
 
 
 @pytest.mark.parametrize("accept", [True, False])

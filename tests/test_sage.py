@@ -397,3 +397,13 @@ def test_converges_on_stochastic_least_squares(variant: str, steps: int, thresho
     with torch.no_grad():
         final = ((a @ x - b) ** 2).mean().item()
     assert final < threshold
+
+
+def test_a_rejected_param_group_is_not_kept() -> None:
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = SAGE([a])
+    with pytest.raises(ValueError, match=r"^beta3 must be .*, got 1\.0$"):
+        opt.add_param_group({"params": [b], "beta3": 1.0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [b], "beta3": 0.5})  # the same tensor can be added after
+    assert opt.param_groups[1]["beta3"] == 0.5

@@ -96,10 +96,18 @@ class ProbeRecord:
         )
 
 
+def _step_fields(record: ProbeRecord) -> dict[str, float]:
+    return {
+        "step_loss": record.step_loss,
+        "coupling_ratio": record.coupling_ratio,
+        "coupling": record.coupling,
+    }
+
+
 def history_rows(records: Iterable[ProbeRecord]) -> list[dict[str, Any]]:
     """One flat row per (probe step, group)."""
     return [
-        {"step": r.step, "loss": r.loss, "n_probes": r.n_probes, **asdict(g)}
+        {"step": r.step, "loss": r.loss, "n_probes": r.n_probes, **_step_fields(r), **asdict(g)}
         for r in records
         for g in r.groups
     ]
@@ -114,7 +122,8 @@ def save_history(records: Iterable[ProbeRecord], path: str | Path) -> Path:
     path = Path(path)
     rows = history_rows(records)
     if path.suffix == ".csv":
-        names = ["step", "loss", "n_probes"] + [f.name for f in fields(GroupProbe)]
+        names = ["step", "loss", "n_probes", "step_loss", "coupling_ratio", "coupling"]
+        names += [f.name for f in fields(GroupProbe)]
         with path.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=names)
             writer.writeheader()

@@ -273,10 +273,10 @@ class HiDLR(Optimizer):
         self.optimizer.add_param_group(param_group)
         try:
             _check_per_group_rates(self.optimizer)
-        except ValueError:
+            self._init_group(len(self.param_groups) - 1, self.param_groups[-1])
+        except (TypeError, ValueError):
             self.optimizer.param_groups.pop()
             raise
-        self._init_group(len(self.param_groups) - 1, self.param_groups[-1])
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict (adapted rates live in its param groups) plus
@@ -323,6 +323,7 @@ class HiDLR(Optimizer):
         saved = state_dict["hidlr"]
         options = dict(saved["options"])
         options["probe_multipliers"] = check_multipliers(options["probe_multipliers"])
+        live = [(g["hidlr_frozen"], g.get("hidlr_requires_grad")) for g in self.param_groups]
         self.optimizer.load_state_dict(state_dict["base"])
         self.options = options
         self._steps = int(saved["steps"])
@@ -348,9 +349,12 @@ class HiDLR(Optimizer):
                     ],
                 )
             self._pending = _Pending(int(pending["step"]), params, w0, list(pending["used"]))
-        for group in self.param_groups:  # a checkpoint from before a freeze unfreezes
-            for p in group["params"]:
-                p.requires_grad_(not group.get("hidlr_frozen", False))
+        for group, (was_frozen, flags) in zip(self.param_groups, live, strict=True):
+            if group.get("hidlr_frozen", False):
+                for p in group["params"]:
+                    p.requires_grad_(False)
+            elif was_frozen:  # a checkpoint from before a freeze: the group trains again
+                _restore_requires_grad(group["params"], flags)
 
     # -- what users read -------------------------------------------------------------------
 
@@ -382,6 +386,8 @@ class HiDLR(Optimizer):
         """Freeze group ``index``: no gradient is computed for it (``requires_grad`` off), its
         optimizer state is released and no probe is spent on it. Recorded in checkpoints."""
         group = self.param_groups[index]
+        if not group["hidlr_frozen"]:  # what to put back on unfreeze (parameters the user froze)
+            group["hidlr_requires_grad"] = [p.requires_grad for p in group["params"]]
         group["hidlr_frozen"] = True
         for p in group["params"]:
             p.requires_grad_(False)
@@ -389,11 +395,13 @@ class HiDLR(Optimizer):
             self.optimizer.state.pop(p, None)
 
     def unfreeze(self, index: int) -> None:
-        """Train group ``index`` again; its optimizer state starts afresh."""
+        """Train group ``index`` again; its optimizer state starts afresh. Parameters that did
+        not require a gradient before :meth:`freeze` still do not."""
         group = self.param_groups[index]
+        flags = group.pop("hidlr_requires_grad", None)
+        if group["hidlr_frozen"]:
+            _restore_requires_grad(group["params"], flags)
         group["hidlr_frozen"] = False
-        for p in group["params"]:
-            p.requires_grad_(True)
 
     @property
     def steps(self) -> int:
@@ -794,6 +802,7 @@ class HiDLR(Optimizer):
         live = [g for g in self.param_groups if not g["hidlr_frozen"]]
         if not live or min(g["hidlr_probes"] for g in live) < opts["freeze_warmup"]:
             return
+        shares = self.influence_share  # before freezing: a frozen group's share is 0
         for k in choose_frozen(
             self.influence,
             self.frozen,
@@ -802,11 +811,15 @@ class HiDLR(Optimizer):
         ):
             self.freeze(k)
             logger.info(
-                "hidlr: froze group %d at step %d (influence share %.3g)",
-                k,
-                step,
-                self.influence_share[k],
+                "hidlr: froze group %d at step %d (influence share %.3g)", k, step, shares[k]
             )
+
+
+def _restore_requires_grad(params: list[torch.Tensor], flags: list[bool] | None) -> None:
+    """``requires_grad`` as :meth:`HiDLR.freeze` found it (all on for a checkpoint that did
+    not record it)."""
+    for i, p in enumerate(params):
+        p.requires_grad_(True if flags is None or i >= len(flags) else bool(flags[i]))
 
 
 def _scalar_loss(value: Any) -> torch.Tensor:

@@ -191,7 +191,11 @@ class SAGE(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        _check_group_options(self.param_groups[-1])
+        try:
+            _check_group_options(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a rejected group is not kept
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
