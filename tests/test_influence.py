@@ -159,7 +159,7 @@ def test_parameters_the_user_froze_stay_frozen(tmp_path):
     assert not mine[0].requires_grad and not mine[1].requires_grad
 
     # a fresh process resuming: groups Hi-DLR never froze are left as the user set them
-    model2, mine2, opt2 = build()
+    _, mine2, opt2 = build()
     opt2.load_state_dict(torch.load(tmp_path / "before.pt", weights_only=True))
     assert not mine2[0].requires_grad and not mine2[1].requires_grad
 
