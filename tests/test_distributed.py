@@ -53,9 +53,13 @@ def _train(model, ddp, opt, shard) -> None:
         opt.step(lambda px=px, py=py: loss_fn(model(px), py))
 
 
-def _single(policy: str) -> dict:
+# freezing turns requires_grad off mid-run: DDP then needs find_unused_parameters=True
+FREEZE = {"policy": "robust", "update_every": 2, "freeze_budget": 1, "freeze_warmup": 1}
+
+
+def _single(options: dict) -> dict:
     model = _model()
-    opt = hidlr.HiDLR(torch.optim.SGD(_groups(model), lr=0.05), **OPTIONS[policy])
+    opt = hidlr.HiDLR(torch.optim.SGD(_groups(model), lr=0.05), **options)
     _train(model, model, opt, slice(None))
     return {"weights": [p.detach().clone() for p in model.parameters()], "lrs": opt.lrs}
 
@@ -109,6 +113,15 @@ def _scenario_train(rank: int) -> dict:
             "agree": rates_agree(opt),
             "state": opt.state_dict()["hidlr"]["steps"],
         }
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = DistributedHiDLR(torch.optim.SGD(_groups(model), lr=0.05), **FREEZE)
+    _train(model, ddp, opt, shard)
+    result["freeze"] = {
+        "weights": [p.detach().clone() for p in model.parameters()],
+        "lrs": opt.lrs,
+        "frozen": opt.frozen,
+    }
     return result
 
 
@@ -177,13 +190,23 @@ def test_replicas_stay_bit_identical(trained, policy):
 
 @pytest.mark.parametrize("policy", list(OPTIONS))
 def test_matches_single_process_on_full_batch(trained, policy):
-    ref = _single(policy)
+    ref = _single(OPTIONS[policy])
     got = trained[0][policy]
     torch.testing.assert_close(
         torch.tensor(got["lrs"]), torch.tensor(ref["lrs"]), rtol=1e-9, atol=0
     )
     for w, wr in zip(got["weights"], ref["weights"], strict=True):
         torch.testing.assert_close(w, wr, rtol=1e-9, atol=1e-12)
+
+
+def test_freezing_under_ddp_matches_single_process(trained):
+    a, b = trained[0]["freeze"], trained[1]["freeze"]
+    assert a["frozen"] == b["frozen"] and sum(a["frozen"]) == 1
+    ref = _single(FREEZE)
+    assert a["lrs"] == b["lrs"] and a["lrs"] == pytest.approx(ref["lrs"], rel=1e-9)
+    for wa, wb, wr in zip(a["weights"], b["weights"], ref["weights"], strict=True):
+        assert torch.equal(wa, wb)
+        torch.testing.assert_close(wa, wr, rtol=1e-9, atol=1e-12)
 
 
 def test_all_reduces_per_probe_step(trained):

@@ -341,6 +341,9 @@ def test_transformers_heads_are_found() -> None:
     assert find_head(gpt2) == "lm_head"
     # lm_head is tied to the input embedding: the shared tensor is the head, under its first name
     assert names(gpt2, by_role(gpt2, "head"))["head"] == ["transformer.wte.weight"]
+    # and the head may be named by its second name too
+    by_name = names(gpt2, by_role(gpt2, "head", head="lm_head.weight"))
+    assert by_name["head"] == ["transformer.wte.weight"]
 
 
 # -- the shared guarantees ---------------------------------------------------------------------

@@ -365,6 +365,40 @@ def test_default_groups_and_log_values():
         find_hidlr(torch.optim.SGD(bert().parameters(), lr=0.1))
 
 
+def test_default_groups_of_an_embedding_lora():
+    peft = pytest.importorskip("peft", reason="optional package 'peft' is not installed")
+    config = peft.LoraConfig(r=2, target_modules=["word_embeddings"], task_type="SEQ_CLS")
+    model = peft.get_peft_model(bert(), config)
+    groups = default_groups(model)
+    assert [g["name"] for g in groups] == ["lora_A", "lora_B", "head"]
+    assert [n for n, p in model.named_parameters() if p is groups[0]["params"][0]] == [
+        "base_model.model.bert.embeddings.word_embeddings.lora_embedding_A.default"
+    ]
+
+
+def test_trainer_takes_a_group_given_as_one_tensor(tmp_path):
+    model = bert()
+    head = model.classifier.weight
+    rest = [p for p in model.parameters() if p is not head]
+    trainer = HiDLRTrainer(
+        model=model,
+        args=transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            report_to=[],
+            max_steps=2,
+            per_device_train_batch_size=8,
+            save_strategy="no",
+            disable_tqdm=True,
+        ),
+        train_dataset=Tokens(),
+        hidlr_groups=lambda m: [{"params": head, "name": "head"}, {"params": rest}],
+    )
+    trainer.train()
+    groups = trainer.hidlr_optimizer.param_groups
+    assert groups[0]["params"] == [head] and len(groups[1]["params"]) == len(rest)
+
+
 # -- accelerate ------------------------------------------------------------------------------
 
 

@@ -779,6 +779,35 @@ def test_scheduler_scales_the_adapted_rate():
         assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * warmup(t + 1))
 
 
+def test_warmup_scheduler_attached_to_the_base_first():
+    # a warm-up built on the base optimizer sets lr to 0 before Hi-DLR wraps it
+    h, q = spd(4, 2)
+    w = nn.Parameter(torch.randn(4, dtype=F64))
+    loss = lambda: 0.5 * w @ h @ w - q @ w  # noqa: E731
+    base = torch.optim.SGD([w], lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(base, lambda t: t / 4)
+    assert base.param_groups[0]["lr"] == 0.0
+    opt = paper(base, update_every=2, smoothing=0.0)
+    assert opt.lrs == [0.01]  # the rate Hi-DLR adapts is the schedule's initial_lr
+    w0 = w.detach().clone()
+    opt.zero_grad()
+    loss().backward()
+    opt.step(loss)  # factor 0: nothing moves and nothing is fitted
+    assert torch.equal(w.detach(), w0) and opt.lrs == [0.01]
+    for _ in range(3):
+        sched.step()
+        opt.zero_grad()
+        loss().backward()
+        opt.step(loss)
+    assert opt.lrs[0] != 0.01 and not torch.equal(w.detach(), w0)
+    base.param_groups[0]["initial_lr"] = 0.0
+    with pytest.raises(ValueError, match=r"\['initial_lr'\] must be a finite float > 0"):
+        hidlr.HiDLR(base)
+    base.param_groups[0]["initial_lr"], base.param_groups[0]["lr"] = 0.01, -1.0
+    with pytest.raises(ValueError, match=r"\['lr'\] must be a finite float >= 0"):
+        hidlr.HiDLR(base)
+
+
 def test_cosine_scheduler_with_rejected_fits_matches_base_alone():
     data = regression()
     ref = small_mlp()

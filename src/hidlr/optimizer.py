@@ -427,13 +427,19 @@ class HiDLR(Optimizer):
     # -- the step --------------------------------------------------------------------------
 
     def _init_group(self, index: int, group: dict[str, Any]) -> None:
-        lr = group.get("lr")
-        if isinstance(lr, (torch.Tensor, bool)) or not isinstance(lr, (int, float)):
-            raise TypeError(f"param_groups[{index}]['lr'] must be a float, got {lr!r}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(
-                f"param_groups[{index}]['lr'] must be a finite float > 0 for Hi-DLR to probe, got {lr!r}"
-            )
+        # a scheduler attached to the base optimizer first may have set lr to 0 (warm-up);
+        # its initial_lr is then the rate Hi-DLR adapts
+        key = "initial_lr" if "initial_lr" in group else "lr"
+        for name in dict.fromkeys(("lr", key)):
+            lr = group.get(name)
+            if isinstance(lr, (torch.Tensor, bool)) or not isinstance(lr, (int, float)):
+                raise TypeError(f"param_groups[{index}]['{name}'] must be a float, got {lr!r}")
+            if not (math.isfinite(lr) and (lr > 0 or (lr == 0 and name != key))):
+                bound = "> 0" if name == key else ">= 0"
+                raise ValueError(
+                    f"param_groups[{index}]['{name}'] must be a finite float {bound} for Hi-DLR "
+                    f"to probe, got {lr!r}"
+                )
         dtensor = _dtensor_class()
         if (
             dtensor is not None
@@ -445,7 +451,7 @@ class HiDLR(Optimizer):
                 "use hidlr.integrations.distributed.DistributedHiDLR, which probes them "
                 "shard-wise and reduces the probe losses across ranks"
             )
-        ref = group.get("initial_lr", lr)
+        ref = group[key]
         group.setdefault("hidlr_ref_lr", float(ref))
         group.setdefault("hidlr_lr", float(ref))
         group.setdefault("hidlr_diag_lr", float(ref))

@@ -107,7 +107,7 @@ def _head_ids(model: nn.Module, head: Any) -> set[int]:
         specs = list(head)
     else:
         _reject("head", "a module name, a submodule, or a non-empty sequence of them", head)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights: every name
     ids: set[int] = set()
     for spec in specs:
         as_param = [n for n in (spec, f"base_model.model.{spec}") if n in params]

@@ -188,6 +188,9 @@ class DistributedHiDLR(HiDLR):
             losses before :class:`ProbeSyncError`; ``None`` uses the process group's timeout.
         **options: every keyword of :class:`~hidlr.HiDLR`.
 
+    Freezing (``freeze_threshold``, ``freeze_budget``) turns ``requires_grad`` off during
+    training; DDP then needs ``DistributedDataParallel(model, find_unused_parameters=True)``.
+
     :attr:`reductions` counts the all-reduces made so far (two per probe step: moved flags
     and probe losses; three with the robust policy's combined-step probe).
     """

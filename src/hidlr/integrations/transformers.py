@@ -53,6 +53,7 @@ from transformers import Trainer
 from hidlr._validation import check_float
 from hidlr.batches import probe_subset
 from hidlr.groups import by_lora, by_role
+from hidlr.groups._common import _LORA_A, _LORA_B
 from hidlr.integrations import find_hidlr, group_names
 from hidlr.optimizer import HiDLR
 
@@ -107,7 +108,7 @@ class ClosureHiDLR(HiDLR):
 
 def _is_peft_lora(model: nn.Module) -> bool:
     return any(
-        p.requires_grad and {"lora_A", "lora_B"} & set(n.split("."))
+        p.requires_grad and (_LORA_A | _LORA_B) & set(n.split("."))
         for n, p in model.named_parameters()
     )
 
@@ -229,7 +230,8 @@ class HiDLRTrainer(Trainer):
             if "params" not in group:
                 raise ValueError(f"hidlr_groups(model)[{i}] has no 'params'")
             out = dict(group)
-            out["params"] = list(out["params"])
+            params = out["params"]  # a single tensor is allowed, as in torch.optim
+            out["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
             if "weight_decay" not in out:
                 any_decayed = any(id(p) in decayed for p in out["params"])
                 out["weight_decay"] = self.args.weight_decay if any_decayed else 0.0
