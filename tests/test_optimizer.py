@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import pickle
 import warnings
 from functools import partial
 
@@ -603,6 +604,32 @@ def test_a_schedule_that_stops_the_step_is_not_a_stall():
     assert opt.lrs == [0.01] and w.tolist() == [1.0, -1.0]
 
 
+def test_max_rate_change_bounds_the_applied_rate_of_coupled_groups():
+    # y = (a + b) x: the two groups' steps act alike, the coupling factor goes to about 1/2
+    def run(bound):
+        torch.manual_seed(0)
+        a, b = nn.Linear(10, 1, bias=False), nn.Linear(10, 1, bias=False)
+        target = torch.randn(10, 1)
+        batches = [
+            (x := torch.randn(64, 10), x @ target + 0.1 * torch.randn(64, 1)) for _ in range(41)
+        ]
+        loss = lambda x, y: ((a(x) + b(x) - y) ** 2).mean()  # noqa: E731
+        base = torch.optim.SGD([{"params": a.parameters()}, {"params": b.parameters()}], lr=0.05)
+        opt = hidlr.HiDLR(base, update_every=1, max_rate_change=bound)
+        for s in range(40):
+            opt.zero_grad()
+            loss(*batches[s]).backward()
+            opt.step(lambda s=s: loss(*batches[s + 1]))
+        return opt
+
+    free, loose, tight = run(None), run(3.0), run(1.05)
+    assert free.history[-1].coupling < 0.7
+    assert loose.lrs == free.lrs  # a bound that never binds changes nothing
+    changes = [g.lr_after / g.lr_before for r in tight.history for g in r.groups]
+    assert max(changes) <= 1.05 * (1 + 1e-12) and min(changes) >= (1 - 1e-12) / 1.05
+    assert max(changes) > 1.04  # it bound (the rates did not only fall)
+
+
 def test_stalled_growth_respects_max_rate_change_and_old_checkpoints():
     w = nn.Parameter(torch.tensor([1.0, -1.0]))
     opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1), update_every=1, max_rate_change=1.2)
@@ -1057,3 +1084,125 @@ def test_grad_scaler_steps_hidlr_with_a_positional_closure():
     assert plain[1] == scaled[1]
     for p, q in zip(plain[0], scaled[0], strict=True):
         assert torch.equal(p, q)
+
+
+# -- found by review: what the probes must not touch ---------------------------------------------
+
+
+class _FlatLinear(nn.Module):
+    """Parameters that are views of one registered buffer (a flat-parameter layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("flat", torch.randn(16, dtype=F64))
+        self.weight = nn.Parameter(self.flat[:12].view(4, 3))
+        self.bias = nn.Parameter(self.flat[12:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t() + self.bias
+
+
+class _Registers(nn.Module):
+    """Registers a buffer the first time it sees a batch size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = f"seen_{x.shape[0]}"
+        if not hasattr(self, name):
+            self.register_buffer(name, torch.zeros((), dtype=F64))
+        getattr(self, name).add_(1)
+        return x
+
+
+@pytest.mark.parametrize("layout", ["flat", "registers"])
+def test_probes_leave_parameter_buffers_and_new_buffers_alone(layout):
+    def make():
+        torch.manual_seed(0)
+        if layout == "flat":
+            return _FlatLinear()
+        return nn.Sequential(nn.Linear(3, 4).to(F64), _Registers())
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, generator=gen, dtype=F64), torch.randn(8, 4, generator=gen, dtype=F64)
+    px = torch.randn(6, 3, generator=gen, dtype=F64)  # another batch size
+    ref, model = make(), make()
+    plain = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt = paper(torch.optim.SGD(model.parameters(), lr=0.1), min_r2=NEVER)
+    for m, o, closure in ((ref, plain, None), (model, opt, lambda: model(px).pow(2).mean())):
+        o.zero_grad()
+        ((m(x) - y) ** 2).mean().backward()
+        o.step(closure)
+    assert len(opt.history[-1].groups) == 1 and opt.history[-1].n_probes >= 4
+    for (n1, b1), (n2, b2) in zip(ref.named_buffers(), model.named_buffers(), strict=True):
+        assert n1 == n2 and torch.equal(b1, b2)
+    for p, q in zip(ref.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_parameters_sharing_data_are_refused():
+    enc, dec = nn.Linear(3, 3), nn.Linear(3, 3)
+    dec.weight.data = enc.weight.data  # two Parameters over one memory
+    base = torch.optim.SGD([{"params": enc.parameters()}, {"params": dec.parameters()}], lr=0.1)
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\] and .* share memory"):
+        hidlr.HiDLR(base)
+    opt = hidlr.HiDLR(torch.optim.SGD(enc.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="share memory"):
+        opt.add_param_group({"params": [dec.weight]})
+    assert len(opt.param_groups) == 1
+    flat = torch.zeros(8)  # views side by side in one storage are fine
+    hidlr.HiDLR(torch.optim.SGD([nn.Parameter(flat[:4]), nn.Parameter(flat[4:])], lr=0.1))
+
+
+def test_one_probe_that_blows_up_halves_the_rate_and_is_no_spike():
+    w = nn.Parameter(torch.tensor([1.0], dtype=F64))
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1), update_every=1)
+    for step in range(3):
+        calls = []
+
+        def closure(step=step, calls=calls):
+            calls.append(1)
+            if step == 2 and len(calls) == 4:
+                return torch.tensor(float("inf"))
+            return ((w - 3.0) ** 2).sum()
+
+        before = opt.lrs[0]
+        opt.zero_grad()
+        ((w - 3.0) ** 2).sum().backward()
+        opt.step(closure)
+    group = opt.history[-1].groups[0]
+    assert (group.reason, group.action) == ("nonfinite_probe", "shrink")
+    assert opt.lrs[0] == pytest.approx(0.5 * before, rel=1e-12)
+
+
+def test_a_copy_after_a_scheduler_steps_only_itself():
+    w = nn.Parameter(torch.ones(2))
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1), update_every=1000)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=10)  # wraps opt.step on the instance
+    clone = copy.deepcopy(opt)
+    w2 = clone.param_groups[0]["params"][0]
+    w.grad, w2.grad = torch.ones(2), torch.ones(2)
+    clone.step(lambda: w2.sum())
+    assert torch.equal(w.detach(), torch.ones(2)) and not torch.equal(w2.detach(), torch.ones(2))
+    assert (opt.steps, clone.steps) == (0, 1)
+    assert pickle.loads(pickle.dumps(opt)).steps == 0
+
+
+def test_a_failing_deferred_closure_drops_the_probes_before_the_step():
+    w = nn.Parameter(torch.tensor([1.0, -1.0], dtype=F64))
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1), update_every=2, defer_probes=True)
+    loss = lambda: ((w - 3.0) ** 2).sum()  # noqa: E731
+    opt.zero_grad()
+    loss().backward()
+    opt.step(loss)  # the probe step: its update now, its probes at the next step
+    after_probe_step, lrs = w.detach().clone(), opt.lrs
+    opt.zero_grad()
+    loss().backward()
+
+    def fails():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(fails)
+    assert torch.equal(w.detach(), after_probe_step) and opt.lrs == lrs and opt.steps == 1
+    assert not opt.needs_closure()  # the probes are gone; the retry is a plain step
+    opt.step()
+    assert torch.equal(w.detach(), after_probe_step.add(w.grad, alpha=-0.1))

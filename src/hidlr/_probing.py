@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -230,8 +230,10 @@ class BufferGuard:
     guard); inside compiled code its work runs as a graph break.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, exclude: set[int] | None = None) -> None:
+        self._exclude = exclude or set()  # storages of the parameters (the movers' business)
         self._covered: set[nn.Module] = set()
+        self._names: list[tuple[nn.Module, set[str]]] = []
         self._owners: list[tuple[nn.Module, str]] = []
         self._buffers: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
@@ -242,8 +244,9 @@ class BufferGuard:
         if module in self._covered:
             return
         for _, sub in module.named_modules(memo=self._covered):  # adds to the memo
+            self._names.append((sub, set(sub._buffers)))
             for name, buf in sub._buffers.items():
-                if buf is not None:
+                if buf is not None and storage_ptr(buf) not in self._exclude:
                     saved = buf.detach().clone()  # first: a failed clone records nothing
                     self._owners.append((sub, name))
                     self._buffers.append(buf)
@@ -257,6 +260,10 @@ class BufferGuard:
         return self
 
     def restore(self) -> None:
+        for module, names in self._names:
+            if len(module._buffers) != len(names) or not names.issuperset(module._buffers):
+                for name in [n for n in module._buffers if n not in names]:
+                    del module._buffers[name]  # registered by a probe's forward
         for (module, name), buf in zip(self._owners, self._buffers, strict=True):
             if module._buffers.get(name) is not buf:
                 module._buffers[name] = buf  # the forward replaced it: the original goes back
@@ -273,6 +280,7 @@ class BufferGuard:
         finally:
             _ACTIVE_GUARD, self._outer = self._outer, None
             self._covered.clear()
+            self._names.clear()
             self._owners.clear()
             self._buffers.clear()
             self._saved.clear()
@@ -331,8 +339,21 @@ class RngReplay:
         self.replay()
 
 
+def storage_ptr(t: torch.Tensor) -> int | None:
+    """The address of the storage ``t`` is a view of (``None`` where there is none to read)."""
+    try:
+        ptr = int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return ptr or None  # meta tensors and empty storages have none
+
+
 @contextlib.contextmanager
-def probe_context(devices: list[torch.device]) -> Iterator[tuple[RngReplay, BufferGuard]]:
-    """No autograd, replayed random numbers, guarded buffers."""
-    with torch.no_grad(), RngReplay(devices) as rng, BufferGuard() as guard:
+def probe_context(
+    devices: list[torch.device], params: Iterable[torch.Tensor] = ()
+) -> Iterator[tuple[RngReplay, BufferGuard]]:
+    """No autograd, replayed random numbers, guarded buffers (except buffers that share
+    storage with ``params``: the probes move those)."""
+    exclude = {ptr for p in params if (ptr := storage_ptr(p)) is not None}
+    with torch.no_grad(), RngReplay(devices) as rng, BufferGuard(exclude) as guard:
         yield rng, guard

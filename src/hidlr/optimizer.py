@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import OrderedDict, deque
@@ -18,6 +19,7 @@ from hidlr._probing import (
     _exchange,
     probe_context,
     snapshot,
+    storage_ptr,
     swap_plan,
 )
 from hidlr._validation import (
@@ -50,6 +52,27 @@ Closure = Callable[[], Any]
 # values per group (Prodigy, DAdaptAdam, DAdaptSGD, DAdaptLion) or read the first group's
 # only (DAdaptAdaGrad, DAdaptAdan), so Hi-DLR can only give them one rate (one group)
 _SHARED_STEP_SIZE = ("prodigyopt", "dadaptation")
+
+
+def _check_no_shared_memory(groups: list[dict[str, Any]]) -> None:
+    """Hi-DLR moves each parameter on its own: two that overlap in memory (tied by sharing
+    ``.data`` rather than by being one ``Parameter``) would be moved twice and come apart."""
+    spans = []
+    for i, group in enumerate(groups):
+        for j, p in enumerate(group["params"]):
+            ptr = storage_ptr(p)
+            if ptr is not None and p.numel() > 0:
+                start = ptr + p.storage_offset() * p.element_size()
+                extent = sum((n - 1) * st for n, st in zip(p.shape, p.stride(), strict=True))
+                spans.append((start, start + (extent + 1) * p.element_size(), i, j))
+    spans.sort()
+    for (_, end, i, j), (start, _, k, l) in itertools.pairwise(spans):
+        if start < end:
+            raise ValueError(
+                f"param_groups[{i}]['params'][{j}] and param_groups[{k}]['params'][{l}] share "
+                "memory: Hi-DLR moves each parameter on its own; tie them as one Parameter "
+                "(e.g. decoder.weight = encoder.weight) instead of sharing .data"
+            )
 
 
 def _check_per_group_rates(optimizer: Optimizer) -> None:
@@ -191,6 +214,7 @@ class HiDLR(Optimizer):
                 f"optimizer must be a torch.optim.Optimizer other than HiDLR, got {type(optimizer).__name__}"
             )
         _check_per_group_rates(optimizer)
+        _check_no_shared_memory(optimizer.param_groups)
         self.optimizer = optimizer
         self.options: dict[str, Any] = {
             "update_every": check_int("update_every", update_every, minimum=1),
@@ -256,7 +280,12 @@ class HiDLR(Optimizer):
         self.optimizer.state = value
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        # an LR scheduler wraps ``step`` on the instance, with a weak reference to this object:
+        # a copy must not carry it (torch's own optimizers drop it the same way)
+        state.pop("step", None)
+        state.pop("_opt_called", None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -273,6 +302,7 @@ class HiDLR(Optimizer):
         self.optimizer.add_param_group(param_group)
         try:
             _check_per_group_rates(self.optimizer)
+            _check_no_shared_memory(self.param_groups)
             self._init_group(len(self.param_groups) - 1, self.param_groups[-1])
         except (TypeError, ValueError):
             self.optimizer.param_groups.pop()
@@ -613,7 +643,8 @@ class HiDLR(Optimizer):
             rows.append(placement)
 
         mults = [c for c in opts["probe_multipliers"] if c != 0.0]
-        with probe_context(devices) as (rng, guard):
+        probed = [t for m in movers for t in (*m.params, *m.w1)]
+        with probe_context(devices, probed) as (rng, guard):
             if active and len(mults) < len(opts["probe_multipliers"]):
                 probe({})  # a 0 multiplier: the unperturbed point, shared by all groups
             for i, k in enumerate(active):
@@ -643,7 +674,10 @@ class HiDLR(Optimizer):
                 max_rate_change=opts["max_rate_change"],
             )
             recent = self._recent_losses
-            if opts["policy"] == "robust" and spike(fit.intercept, recent):
+            # (an intercept that is not finite is no measurement: every group's probes blew up,
+            # which halves the rates above)
+            robust_spike = math.isfinite(fit.intercept) and spike(fit.intercept, recent)
+            if opts["policy"] == "robust" and robust_spike:
                 # the loss jumped far above its recent floor: the rates (and whatever momentum
                 # they built up) are too large for where training is now; cut them hard, once:
                 # the floor starts again from here, so a loss that stays up (or a noisy one near
@@ -676,6 +710,12 @@ class HiDLR(Optimizer):
                     coupling = log_average(coupling, clipped, n_coupling, opts["smoothing"])
                     n_coupling += 1
         new_rates = [coupling * diag[k] if k in active else rates[k] for k in range(n)]
+        bound = opts["max_rate_change"]
+        if bound is not None:  # the rate applied, after the coupling factor and spike cuts
+            for k in active:
+                clipped = min(max(new_rates[k], rates[k] / bound), rates[k] * bound)
+                diag[k] *= clipped / new_rates[k]
+                new_rates[k] = clipped
         # (a checkpoint from before the peak was kept: the larger of the initial and the
         # current rate)
         peaks = [g.get("hidlr_peak_lr", max(g["hidlr_lr"], g["hidlr_ref_lr"])) for g in groups]

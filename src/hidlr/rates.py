@@ -155,8 +155,10 @@ def diagonal_rates(
 
     ``rates`` are the rates the probes were placed at, ``diag`` and ``counts`` each group's
     diagonal rate and count of accepted fits before this one, ``reach`` the largest probe
-    multiplier in absolute value. Groups not in ``active`` keep theirs. Returns the new
-    diagonal rates, counts and the action taken per group.
+    multiplier in absolute value. Groups not in ``active`` keep theirs. ``max_rate_change``
+    bounds the paper policy's update here; the robust policy's rate is bounded after its
+    coupling factor and spike cuts (by the optimizer). Returns the new diagonal rates, counts
+    and the action taken per group.
     """
     diag, counts = list(diag), list(counts)
     actions = ["keep"] * len(diag)
@@ -174,8 +176,6 @@ def diagonal_rates(
                 resolved=not fit.spread[k] < 1e-5 * abs(fit.intercept),
             )
             diag[k], counts[k], actions[k] = out.rate, out.n_updates, out.action
-            if max_rate_change is not None:
-                diag[k] = min(max(diag[k], rates[k] / max_rate_change), rates[k] * max_rate_change)
         elif dec.accepted:
             diag[k] = smooth_rate(
                 diag[k], dec.proposed, smoothing=smoothing, max_change=max_rate_change
