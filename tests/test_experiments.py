@@ -3,6 +3,11 @@
 import dataclasses
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -10,8 +15,8 @@ import torch
 from hidlr.experiments import finetune
 from hidlr.experiments.paper import EXPERIMENTS
 from hidlr.experiments.report import _value, build_report, summarize_experiment
-from hidlr.experiments.results import RunSpec, load_results, run_specs
-from hidlr.experiments.robustness import format_summary, run_benchmark, summarize
+from hidlr.experiments.results import RunSpec, SettingsMismatch, load_results, run_specs
+from hidlr.experiments.robustness import format_summary, jobs_for, run_benchmark, summarize
 from hidlr.experiments.tasks import TASKS
 
 
@@ -34,6 +39,17 @@ def test_run_specs_writes_once_and_resumes(tmp_path):
     assert [r["train"]["value"] for r in results] == [0, 1, 2]
     assert set(results[0]) == {"run", "train", "meta"}
     assert results[0]["meta"]["torch"] and results[0]["run"]["experiment"] == "exp"
+
+
+def test_run_specs_refuses_a_stored_run_with_other_settings(tmp_path):
+    quick = [RunSpec("exp", "m", 0, {"epochs": 30, "grid": (1, 2)})]
+    run_specs(quick, tmp_path, lambda spec: {"value": 1})
+    run_specs(quick, tmp_path, lambda spec: {"value": 2})  # the same settings: resumed
+    assert load_results(tmp_path)[0]["train"]["value"] == 1
+    full = [RunSpec("exp", "m", 0, {"epochs": 100, "grid": (1, 2)})]
+    with pytest.raises(SettingsMismatch, match=r"\{'epochs': 30\} there, \{'epochs': 100\} now"):
+        run_specs(full, tmp_path, lambda spec: {"value": 3})
+    assert load_results(tmp_path)[0]["train"]["value"] == 1
 
 
 def tiny(spec):
@@ -100,6 +116,48 @@ def test_report_is_built_from_stored_result_files(tmp_path):
     )
 
 
+def test_report_needs_result_files_and_skips_other_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no result files in"):
+        build_report(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "summary.json").write_text(json.dumps({"tasks": {}}))
+    (tmp_path / "nam_synthetic").mkdir()
+    (tmp_path / "nam_synthetic" / "r.json").write_text(
+        json.dumps(stored("nam_synthetic", "hi_dlr", 0, 1.0))
+    )
+    assert [r["run"]["method"] for r in load_results(tmp_path)] == ["hi_dlr"]
+    assert "nam_synthetic" in build_report(tmp_path).read_text()
+
+
+def test_verdicts_compare_like_with_like_and_a_diverged_seed_ranks_last(tmp_path):
+    folder = tmp_path / "nam_synthetic"
+    folder.mkdir()
+    records = [
+        stored("nam_synthetic", "constant_grid_a", 0, 2.0, "constant"),
+        stored("nam_synthetic", "hi_ulr", 0, 1.5),
+        stored("nam_synthetic", "hi_dlr", 0, 1.8),
+        stored("nam_synthetic", "hi_ulr_paper", 0, 1.2),
+        stored("nam_synthetic", "hi_dlr_paper", 0, 1.0),
+    ]
+    for i, r in enumerate(records):
+        (folder / f"r{i}.json").write_text(json.dumps(r))
+    text = build_report(tmp_path).read_text()
+    assert (
+        "| hi_dlr 1.8 vs ULR (grid) 2, hi_ulr 1.5; paper policy: hi_dlr_paper 1 vs ULR (grid) 2, "
+        "hi_ulr_paper 1.2 | partly (paper policy: yes) |"
+    ) in text
+    survivor, lost = (
+        stored("nam_synthetic", "hi_dlr", 1, 0.5),
+        stored("nam_synthetic", "hi_dlr", 2, 0.5),
+    )
+    lost["train"]["diverged"] = True
+    (folder / "r5.json").write_text(json.dumps(survivor))
+    (folder / "r6.json").write_text(json.dumps(lost))
+    summary = summarize_experiment(load_results(tmp_path), "test_auc", False)
+    assert summary["hi_dlr"]["mean"] == math.inf and summary["hi_dlr"]["diverged"] == 1
+
+
 @pytest.mark.skipif(
     EXPERIMENTS["fashion_mnist"].requires() is not None, reason="Fashion-MNIST not installed"
 )
@@ -154,6 +212,7 @@ def test_robustness_benchmark_tiny(tmp_path):
     assert all(m["ratio"] > 0 for m in row["methods"].values())
     text = format_summary(summary)
     assert "logistic_wide" in text and "Hi-DLR within 5%" in text
+    assert "initial-rate sweep not run" in text and "sweep within 10%" not in text
     n_lines = len(path.read_text().splitlines())
     run_benchmark(
         tmp_path, tasks=["logistic_wide"], seeds=(0,), sweep=False, steps_scale=0.05, workers=1
@@ -431,3 +490,25 @@ def test_a_schedule_scales_hidlr_and_gen_only():
         assert built.scheduler is not None
         factors = [built.scheduler.lr_lambdas[0](t) for t in (0, 5, 10)]
         assert factors == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+
+
+def test_interrupting_the_benchmark_stops_its_workers(tmp_path):
+    # Ctrl-C reaches the workers too: the pool must be terminated, not joined
+    out = tmp_path / "rob"
+    command = [sys.executable, "-m", "hidlr", "bench", "robustness", "--out", str(out)]
+    command += ["--tasks", "friedman_mlp", "--seeds", "3", "--steps-scale", "0.3"]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    runs = out / "runs.jsonl"
+    deadline = time.monotonic() + 120
+    while not (runs.exists() and runs.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert runs.read_text().count("\n") < len(jobs_for(["friedman_mlp"], range(3), True))  # stopped

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -94,7 +96,7 @@ def _bench_robustness(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from hidlr.experiments.paper import EXPERIMENTS
     from hidlr.experiments.report import build_report, claims_table
-    from hidlr.experiments.results import run_specs
+    from hidlr.experiments.results import SettingsMismatch, run_specs
 
     names = args.only or list(EXPERIMENTS)
     unknown = sorted(set(names) - set(EXPERIMENTS))
@@ -121,7 +123,11 @@ def _reproduce(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-        run_specs(specs, args.out, exp.run, progress)
+        try:
+            run_specs(specs, args.out, exp.run, progress)
+        except SettingsMismatch as err:  # e.g. a full run into a folder of quick results
+            print(f"\n{err}", file=sys.stderr)
+            return 2
     path = build_report(args.out)
     print(claims_table(path.read_text()))
     print(f"report: {path}")
@@ -131,7 +137,11 @@ def _reproduce(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from hidlr.experiments.report import build_report
 
-    print(f"report: {build_report(args.results)}")
+    try:
+        print(f"report: {build_report(args.results)}")
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return 2
     return 0
 
 
@@ -150,6 +160,22 @@ def _bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` above 0, or an error naming what was given."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be {kind.__name__} > 0, got {text!r}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hidlr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="runs/demo", help="folder for the figure (default: runs/demo)"
     )
     demo.add_argument(
-        "--iterations", type=int, default=100, help="iterations per run (default: 100)"
+        "--iterations", type=_positive(int), default=100, help="iterations per run (default: 100)"
     )
     demo.add_argument(
         "--no-plot", action="store_true", help="print the table only (no matplotlib needed)"
@@ -174,14 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument(
         "--out", default="runs/robustness", help="results folder (resumes what is there)"
     )
-    rob.add_argument("--seeds", type=int, default=3, help="seeds per task (default: 3)")
+    rob.add_argument("--seeds", type=_positive(int), default=3, help="seeds per task (default: 3)")
     rob.add_argument(
         "--split", choices=("all", "tune", "heldout"), default="all", help="which tasks"
     )
     rob.add_argument("--tasks", nargs="*", help="task names (default: the split's)")
     rob.add_argument("--no-sweep", action="store_true", help="skip the initial-rate sweep")
     rob.add_argument(
-        "--steps-scale", type=float, default=1.0, help="scale every task's steps (quick runs)"
+        "--steps-scale",
+        type=_positive(float),
+        default=1.0,
+        help="scale every task's steps (quick runs)",
     )
     rob.add_argument(
         "--probe-batch",
@@ -204,21 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
         default="robust",
         help="Hi-DLR's and GeN's rate policy (default: robust; paper: Algorithm 1 as written)",
     )
-    rob.add_argument("--workers", type=int, default=2, help="processes (default: 2)")
+    rob.add_argument("--workers", type=_positive(int), default=2, help="processes (default: 2)")
     rob.set_defaults(func=_bench_robustness)
     greedy = bench.add_parser(
         "greedy",
         help="the one-step fit's rate multiple along a constant-rate run of a robustness task",
     )
     greedy.add_argument("task", help="a robustness task's name")
-    greedy.add_argument("--lr", type=float, required=True, help="the constant uniform rate")
+    greedy.add_argument(
+        "--lr", type=_positive(float), required=True, help="the constant uniform rate"
+    )
     greedy.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    greedy.add_argument("--every", type=int, default=25, help="steps between fits (default: 25)")
+    greedy.add_argument(
+        "--every", type=_positive(int), default=25, help="steps between fits (default: 25)"
+    )
     greedy.set_defaults(func=_bench_greedy)
     ov = bench.add_parser("overhead", help="Hi-DLR's extra time and memory vs the base optimizer")
     ov.add_argument("--out", default="runs/overhead", help="results folder")
     ov.add_argument("--quick", action="store_true", help="MLP only, fewer K/Phi (about 1 minute)")
-    ov.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    ov.add_argument("--threads", type=_positive(int), default=1, help="torch threads (default: 1)")
     ov.add_argument("--no-plot", action="store_true", help="skip the PNG")
     ov.set_defaults(func=_bench_overhead)
 
@@ -230,7 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--out", default="runs/paper", help="results folder (resumes what is there)")
     rep.add_argument(
-        "--seeds", type=int, default=3, help="seeds where the paper reports a table (full mode)"
+        "--seeds",
+        type=_positive(int),
+        default=3,
+        help="seeds where the paper reports a table (full mode)",
     )
     rep.add_argument("--only", nargs="*", help="experiment names (default: all)")
     rep.set_defaults(func=_reproduce)

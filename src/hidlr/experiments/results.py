@@ -19,7 +19,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunSpec", "load_results", "meta", "run_specs", "training_state_bytes"]
+__all__ = [
+    "RunSpec",
+    "SettingsMismatch",
+    "load_results",
+    "meta",
+    "run_specs",
+    "training_state_bytes",
+]
+
+
+class SettingsMismatch(ValueError):
+    """A results folder holds runs made with other settings than the ones asked for."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,9 @@ def run_specs(
     run: Callable[[RunSpec], dict[str, Any]],
     progress: Callable[[int, int, RunSpec, bool], None] | None = None,
 ) -> list[Path]:
-    """Run every spec whose result file is missing; returns all result paths."""
+    """Run every spec whose result file is missing; returns all result paths. A result file
+    written for another configuration of the same run (quick and full mode share names) is
+    :class:`SettingsMismatch`, not a result."""
     out = Path(out)
     specs = list(specs)
     paths = []
@@ -87,7 +100,22 @@ def run_specs(
         path = spec.path(out)
         paths.append(path)
         skipped = path.exists()
-        if not skipped:
+        if skipped:
+            saved = json.loads(path.read_text())["run"]
+            wanted = _clean(asdict(spec))
+            if saved != wanted:
+                changed = sorted(
+                    k
+                    for k in saved["config"].keys() | wanted["config"].keys()
+                    if saved["config"].get(k) != wanted["config"].get(k)
+                )
+                raise SettingsMismatch(
+                    f"{path} holds a run made with other settings "
+                    f"({ {k: saved['config'].get(k) for k in changed} } there, "
+                    f"{ {k: wanted['config'].get(k) for k in changed} } now; quick and full mode "
+                    "write the same files): choose another --out, or remove it to rerun"
+                )
+        else:
             start = time.perf_counter()
             train = run(spec)
             record = {
@@ -105,11 +133,13 @@ def run_specs(
 
 
 def load_results(folder: str | Path) -> list[dict[str, Any]]:
-    """Every result file under ``folder`` (sorted by path)."""
+    """Every result file under ``folder`` (sorted by path); other JSON files (a benchmark's
+    summary) are not results and are left out."""
+    found = (json.loads(p.read_text()) for p in sorted(Path(folder).rglob("*.json")))
     return [
-        json.loads(p.read_text())
-        for p in sorted(Path(folder).rglob("*.json"))
-        if p.parent != Path(folder)
+        r
+        for r in found
+        if isinstance(r, dict) and all(isinstance(r.get(k), dict) for k in ("run", "train", "meta"))
     ]
 
 

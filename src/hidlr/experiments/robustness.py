@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from hidlr.experiments.results import SettingsMismatch
 from hidlr.experiments.tasks import TASKS
 from hidlr.experiments.training import train_run
 from hidlr.optimizer import HiDLR
@@ -33,10 +34,6 @@ __all__ = ["INIT_SWEEP", "Job", "SettingsMismatch", "run_benchmark", "summarize"
 logger = logging.getLogger(__name__)
 
 INIT_SWEEP = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-
-
-class SettingsMismatch(ValueError):
-    """A results folder holds runs made with other settings than the ones asked for."""
 
 
 def _settings(
@@ -179,6 +176,10 @@ def run_benchmark(
                 fh.flush()
                 if progress is not None:
                     progress(i, len(args), record)
+        except BaseException:
+            if pool is not None:
+                pool.terminate()  # Ctrl-C also killed workers mid-task: join() alone would hang
+            raise
         finally:
             if pool is not None:
                 pool.close()
@@ -280,6 +281,7 @@ def _headline(tasks: dict[str, Any]) -> dict[str, Any]:
             "hidlr_within_5pct": sum(h["ratio"] <= 1.05 for h in hid),
             "hidlr_diverged_runs": sum(h["diverged"] for h in hid)
             + sum(r.get("sweep", {}).get("diverged", 0) for r in rows),
+            "swept": sum("sweep" in r for r in rows),
             "sweep_within_10pct": sum(
                 r.get("sweep", {}).get("spread", math.inf) <= 0.10 for r in rows
             ),
@@ -337,11 +339,16 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
         )
     for split, e in summary["summary"].items():
+        swept = e.get("swept", e["tasks"])
+        sweep = (
+            f"initial-rate sweep within 10% on {e['sweep_within_10pct']}/{swept} (first seed "
+            f"alone: {e['sweep_within_10pct_first_seed']}/{swept})"
+            if swept
+            else "initial-rate sweep not run"
+        )
         lines.append(
             f"[{split}] Hi-DLR within 5% of grid-best on {e['hidlr_within_5pct']}/{e['tasks']} tasks; "
-            f"diverged runs {e['hidlr_diverged_runs']}; initial-rate sweep within 10% on "
-            f"{e['sweep_within_10pct']}/{e['tasks']} (first seed alone: "
-            f"{e['sweep_within_10pct_first_seed']}/{e['tasks']}); beats Prodigy {e['hidlr_beats_prodigy']}, "
+            f"diverged runs {e['hidlr_diverged_runs']}; {sweep}; beats Prodigy {e['hidlr_beats_prodigy']}, "
             f"D-Adaptation {e['hidlr_beats_dadaptation']}, DoG {e['hidlr_beats_dog']}, GeN {e['hidlr_beats_gen']}"
         )
     return "\n".join(lines)
