@@ -35,6 +35,10 @@ def test_probe_subset_keeps_structure_and_scalars():
     assert out["name"] == "not a tensor"
     assert probe_subset(batch, 1.0) is batch
     assert probe_subset(torch.ones(3), 0.01).shape == (1,)  # at least one example
+    # ceil(fraction * n), with fraction * n as written: 0.07 * 100 is 7.000000000000001 in floats
+    assert [
+        len(probe_subset(torch.ones(n), f)) for f, n in ((0.07, 100), (0.56, 100), (0.28, 25))
+    ] == [7, 56, 7]
 
 
 def test_probe_subset_rejects_bad_input():

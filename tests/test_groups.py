@@ -837,3 +837,72 @@ def test_groups_drive_hidlr_one_rate_per_group() -> None:
         opt.step(loss)
     assert [g["name"] for g in opt.param_groups] == ["head", "bias", "rest"]
     assert len(opt.lrs) == 3 and len(opt.history[-1].groups) == 3
+
+
+# -- found by review ------------------------------------------------------------------------------
+
+
+def _three_layers() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def test_groups_given_as_generators_survive_the_checks() -> None:
+    model = _three_layers()
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+    check_groups(model, groups)
+    table = format_groups(groups, model)
+    assert "in no group" not in table and "total                    4" in table
+    assert [len(g["params"]) for g in torch.optim.SGD(groups, lr=0.1).param_groups] == [2, 2]
+
+
+def test_named_parameter_groups_are_accepted() -> None:
+    model = _three_layers()
+    groups = [
+        {"params": list(model[0].named_parameters())},
+        {"params": list(model[2].named_parameters())},
+    ]
+    check_groups(model, groups)  # (before torch's optimizer, which replaces the pairs)
+    assert [s.tensors for s in summarize_groups(groups, model)] == [2, 2]
+    torch.optim.SGD(groups, lr=0.1)  # torch takes (name, tensor) pairs too
+
+
+def test_frozen_parameters_inside_a_group_count_once() -> None:
+    model = _three_layers()
+    model[0].requires_grad_(False)
+    lines = format_groups(torch.optim.SGD(model.parameters(), lr=0.1), model).splitlines()
+    assert lines[1].split()[1:3] == ["4", "30"] and lines[-1].split()[-2:] == ["0", "0"]
+
+
+def test_by_subnetwork_counts_a_shared_parameter_once() -> None:
+    class Tower(nn.Module):
+        def __init__(self, emb: nn.Module) -> None:
+            super().__init__()
+            self.emb, self.out = emb, nn.Linear(4, 1)
+
+    class TwoTowers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            shared = nn.Embedding(10, 4)
+            self.towers = nn.ModuleList([Tower(shared), Tower(shared)])
+
+    model = TwoTowers()
+    groups = by_subnetwork(model, "towers")
+    assert [(g["name"], len(g["params"])) for g in groups] == [("towers.0", 3), ("towers.1", 2)]
+    assert groups[0]["params"][0] is model.towers[1].emb.weight
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: by_depth(m, blocks=2), r"^blocks must be .*, got 2$"),
+        (
+            lambda m: check_groups(m, [{"params": None}]),
+            r"^groups\[0\]\['params'\] must be a tensor or an iterable of tensors, got None$",
+        ),
+        (lambda m: format_groups([{"params": 5}]), r"^groups\[0\]\['params'\] must be .*, got 5$"),
+    ],
+)
+def test_bad_group_arguments_are_named(call: Callable[[nn.Module], Any], message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        call(_three_layers())

@@ -58,7 +58,8 @@ def probe_subset(batch: T, fraction: float) -> T:
         )
     if not sizes:
         return batch
-    keep = max(1, math.ceil(fraction * sizes.pop()))
+    # (rounded first: 0.07 * 100 is 7.000000000000001 in floats, and keeps 7)
+    keep = max(1, math.ceil(round(fraction * sizes.pop(), 9)))
     return _slice(batch, keep)
 
 

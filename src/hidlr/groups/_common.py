@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any, NoReturn
 
 import torch
@@ -225,13 +225,29 @@ def _as_groups(groups: Any) -> list[Mapping[str, Any]]:
     for i, g in enumerate(out):
         if not isinstance(g, Mapping) or "params" not in g:
             _reject(f"groups[{i}]", "a dict with 'params'", g, TypeError)
+        params = g["params"]
+        if isinstance(params, (torch.Tensor, list, tuple)):
+            continue
+        if isinstance(params, (str, Mapping)) or not isinstance(params, Iterable):
+            _reject(
+                f"groups[{i}]['params']", "a tensor or an iterable of tensors", params, TypeError
+            )
+        # a generator (model.parameters()) is read once and kept, as torch's optimizers do,
+        # so that the groups still hold their parameters after a check
+        listed = list(params)
+        if isinstance(g, MutableMapping):
+            g["params"] = listed
+        else:
+            out[i] = {**g, "params": listed}
     return out
 
 
 def _group_params(group: Mapping[str, Any], i: int) -> list[torch.Tensor]:
     params = group["params"]
     items = [params] if isinstance(params, torch.Tensor) else list(params)
-    for p in items:
+    for j, p in enumerate(items):
+        if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+            items[j] = p = p[1]  # (name, tensor) pairs, as torch.optim accepts
         if not isinstance(p, torch.Tensor):
             _reject(f"groups[{i}]['params']", "tensors", type(p).__name__, TypeError)
     return items

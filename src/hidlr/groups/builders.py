@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -242,6 +242,13 @@ def by_depth(
     if blocks is None:
         containers = _auto_containers(model)
     else:
+        if not isinstance(blocks, (str, nn.Module, Iterable)):
+            _reject(
+                "blocks",
+                "a container name, a submodule, or a non-empty sequence of them",
+                blocks,
+                TypeError,
+            )
         refs = [blocks] if isinstance(blocks, (str, nn.Module)) else list(blocks)
         if not refs:
             _reject(
@@ -305,7 +312,12 @@ def by_subnetwork(model: nn.Module, container: ModuleRef, *, rest: str = "rest")
     kids = _children_holding(module, id_names)
     if not kids:
         _reject("container", "a module with children holding trainable parameters", cname)
-    return _with_rest(model, [(_join(cname, n), _names_of(c, id_names)) for n, c in kids], rest)
+    named, seen = [], set()
+    for n, c in kids:  # a parameter shared by several children counts once, under the first
+        names = [x for x in _names_of(c, id_names) if x not in seen]
+        seen.update(names)
+        named.append((_join(cname, n), names))
+    return _with_rest(model, named, rest)
 
 
 # -- LoRA, patterns ---------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def format_groups(
     rows.append(("total", sum(s.tensors for s in summary), sum(s.elements for s in summary), ""))
     if model is not None:
         grouped = {id(p) for i, g in enumerate(groups) for p in _group_params(g, i)}
-        frozen = [p for p in model.parameters() if not p.requires_grad]
+        frozen = [p for p in model.parameters() if not p.requires_grad and id(p) not in grouped]
         rows.append(("frozen (left out)", len(frozen), sum(p.numel() for p in frozen), ""))
         loose = [(n, p) for n, p in _trainable(model).items() if id(p) not in grouped]
         if loose:
