@@ -512,3 +512,24 @@ def test_interrupting_the_benchmark_stops_its_workers(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert runs.read_text().count("\n") < len(jobs_for(["friedman_mlp"], range(3), True))  # stopped
+
+
+def test_dog_is_evaluated_with_averaged_batchnorm_statistics():
+    pytest.importorskip("dog", reason="optional package 'dog-optimizer' is not installed")
+    from torch import nn
+
+    from hidlr.experiments.training import build_method
+
+    task = TASKS["bars_cnn_bn"]
+    problem = task.problem(0)
+    built = build_method(task, problem, "dog", 1.0, 10, None)
+    (x, y), model = problem.train, problem.model
+    for i in range(3):
+        built.optimizer.zero_grad()
+        problem.loss_fn(model(x[32 * i : 32 * (i + 1)]), y[32 * i : 32 * (i + 1)]).backward()
+        built.step()
+    bn = next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    live = bn.running_mean.clone()
+    with built.evaluating():  # the package's average covers the statistics, not only weights
+        assert not torch.equal(bn.running_mean, live)
+    assert torch.equal(bn.running_mean, live)

@@ -299,10 +299,15 @@ def _headline(tasks: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _diverged_mark(count: int) -> str:
+    return f"D{count}" if count else ""
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table: one line per task, then the headline per split. ``sweep`` is the
     spread (max / min - 1) of the mean validation loss over the initial rates, ``seeds`` the
-    spread over seeds of the default runs: the noise the sweep's spread is to be read against."""
+    spread over seeds of the default runs: the noise the sweep's spread is to be read against;
+    ``D<n>`` after a ratio: ``n`` of the method's runs diverged."""
     methods = ("prodigy", "dadaptation", "dog", "gen", "hidlr")
     lines = [
         f"{'task':<20} {'split':<8} {'grid best':>10} {'lr':>8}  "
@@ -316,7 +321,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             cells.append(
                 f"{'-':>12}"
                 if info is None
-                else f"{info['ratio']:>10.3f}{'D' * min(info['diverged'], 2):<2}"
+                else f"{info['ratio']:>10.3f}{_diverged_mark(info['diverged']):<2}"
             )
         sweep = row.get("sweep", {}).get("spread")
         seeds = row.get("sweep", {}).get("seed_spread", math.nan)

@@ -81,12 +81,13 @@ def build_method(
     """The registry's method ``method`` for this task's groups and base optimizer; ``schedule``
     (a decay over the run, multiplying the adapted rates) applies to Hi-DLR and GeN only."""
     groups = [{"params": g["params"], "name": g["name"]} for g in problem.groups]
-    config: dict[str, Any] = dict(BASES[task.base], lr=lr, total_steps=steps)
+    # the model too: DoG's weight average covers its BatchNorm statistics, as its package does
+    config: dict[str, Any] = dict(BASES[task.base], lr=lr, total_steps=steps, model=problem.model)
     if method in ("gen", "hidlr"):
         config["hidlr_options"] = dict(hidlr_options or {})
         config["schedule"] = schedule
     if method == "prodigy" and config["base"] == "sgd":  # Prodigy is Adam-based only
-        config = {"base": "adam", "lr": lr, "total_steps": steps}
+        config = {"base": "adam", "lr": lr, "total_steps": steps, "model": problem.model}
     return build(method, groups, **config)
 
 
