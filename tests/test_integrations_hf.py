@@ -479,3 +479,13 @@ def test_tensorboard_logs_rates_fit_and_acceptance(tmp_path):
     r2 = events.Scalars("hidlr/head/r2")[-1].value
     assert r2 == pytest.approx(opt.history[-1].groups[0].r2, rel=1e-6)
     assert record_scalars(opt.history[-1], group_names(opt))["hidlr/head/lr"] == opt.lrs[0]
+
+
+def test_a_second_train_keeps_one_hidlr(tmp_path):
+    t = trainer(tmp_path, steps=4)
+    t.train()
+    first = find_hidlr(t.optimizer)
+    t.train()
+    opt = find_hidlr(t.optimizer)
+    assert opt is first and isinstance(opt.optimizer, torch.optim.AdamW)
+    assert opt.steps == 8

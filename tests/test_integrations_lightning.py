@@ -249,3 +249,57 @@ def test_resuming_a_previous_batch_checkpoint_with_the_default_probes_the_next(t
     assert len(net.trained) == 4 and len(net.probed) == 18
     assert all(torch.equal(x, net.trained[1]) for x in net.probed[:9])
     assert all(torch.equal(x, net.trained[3]) for x in net.probed[9:])
+
+
+# -- found by review ------------------------------------------------------------------------------
+
+
+def test_probes_run_under_the_precision_plugins_autocast():
+    class Records(Net):
+        def training_step(self, batch, batch_idx):
+            self.train_dtype = self(batch[0]).dtype
+            return super().training_step(batch, batch_idx)
+
+        def probe_loss(self, batch):
+            self.probe_dtype = self(batch[0]).dtype
+            return super().probe_loss(batch)
+
+    net = Records()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(1, precision="bf16-mixed").fit(net, _loader())
+    assert net.train_dtype == net.probe_dtype == torch.bfloat16
+
+
+def test_gradient_accumulation_scheduled_later_is_refused():
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    trainer = _trainer(1)
+    trainer.callbacks.append(GradientAccumulationScheduler({0: 2}))
+    with pytest.raises(ValueError, match="accumulate_grad_batches > 1"):
+        trainer.fit(Net(), _loader())
+
+
+def test_manual_optimisation_runs_the_hooks_once_per_step():
+    class Manual(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.hook_calls = 0
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(nn.functional.mse_loss(self(batch[0]), batch[1]))
+            opt.step()
+
+        def on_before_optimizer_step(self, optimizer) -> None:
+            self.hook_calls += 1
+
+    net, trainer = Manual(), _trainer(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(net, _loader())
+    opt = _opt(trainer)
+    assert opt.steps == net.hook_calls == 2 * BATCHES_PER_EPOCH
+    assert len(opt.history) == opt.steps // 2 and opt.lrs != [0.02, 0.02]

@@ -35,10 +35,17 @@ the callback's checkpoint state. On the robustness benchmark (``hidlr bench robu
 diverged run, the previous batch 6 (one diverged run of 216) and the gradient's own 5 (three);
 probing the next batch at once, where a loop can hand it over, keeps 9 (see the README).
 
-Not supported: gradient accumulation (the probe step would see a partial gradient), several
-processes (each would fit its own rates on its own batch, and the replicas would drift apart;
-use :class:`hidlr.integrations.distributed.DistributedHiDLR` with manual optimisation) and
-manual optimisation itself (call ``opt.step(closure)`` yourself there, as with plain HiDLR).
+Manual optimisation works the same way: ``LightningHiDLR`` with the callback, and
+``self.optimizers().step()`` without a closure after ``manual_backward``. (A plain HiDLR
+stepped with a closure through Lightning's optimizer wrapper would run the precision plugin's
+hooks, ``on_before_optimizer_step`` among them, once per probe and never on other steps.)
+Probes run under the precision plugin's context, as the training step does (autocast for
+``"bf16-mixed"``).
+
+Not supported: gradient accumulation (the probe step would see a partial gradient; refused,
+also when a ``GradientAccumulationScheduler`` turns it on) and several processes (each would
+fit its own rates on its own batch, and the replicas would drift apart; use
+:class:`hidlr.integrations.distributed.DistributedHiDLR` in a plain loop).
 """
 
 from __future__ import annotations
@@ -161,14 +168,22 @@ class HiDLRCallback(Callback):
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
+        # checked again here: a GradientAccumulationScheduler sets it at each epoch's start
+        if getattr(trainer, "accumulate_grad_batches", 1) != 1:
+            raise ValueError("HiDLRCallback does not support accumulate_grad_batches > 1")
         fn = self.probe_loss
         seen = batch
         if self.probe_batch == "previous" and self._previous is not None:
             # a batch restored from a checkpoint was loaded onto the CPU
             seen = move_data_to_device(self._previous, pl_module.device)
 
+        precision = trainer.precision_plugin
+
         def probe() -> Any:
-            return fn(pl_module, seen) if fn is not None else pl_module.probe_loss(seen)
+            # under the training step's precision context (autocast for "bf16-mixed"): the
+            # probes must evaluate the function that is trained
+            with precision.train_step_context():
+                return fn(pl_module, seen) if fn is not None else pl_module.probe_loss(seen)
 
         for opt in self._optimizers(trainer):
             opt.probe_closure = probe

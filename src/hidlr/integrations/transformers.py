@@ -257,6 +257,9 @@ class HiDLRTrainer(Trainer):
             base = cls(self._base_param_groups(opt_model), **kwargs)
             self.optimizer = ClosureHiDLR(base, **self.hidlr_kwargs)
         elif not isinstance(self.optimizer, ClosureHiDLR):
+            with contextlib.suppress(TypeError):
+                if isinstance(find_hidlr(self.optimizer), ClosureHiDLR):
+                    return self.optimizer  # a second train(): accelerate's wrapper around ours
             if isinstance(self.optimizer, HiDLR):
                 raise TypeError(
                     "pass the base optimizer (or a ClosureHiDLR) to HiDLRTrainer, not a HiDLR: "
@@ -268,6 +271,7 @@ class HiDLRTrainer(Trainer):
     # -- the probe closure -----------------------------------------------------------------
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._hidlr_stash_step = -1  # every run (a resumed one too) starts its stash afresh
         try:
             return super().train(*args, **kwargs)
         finally:  # let go of the last epoch's iterator (and its worker processes)
