@@ -109,7 +109,7 @@ CASES: dict[str, tuple[dict[str, Any], int, str | None]] = {
     # SAGE scales each step by |I - Ihat| / Ihat (I = |theta * grad|), which is small on a
     # deterministic problem; a slow sensitivity average (beta3) and a large rate make it move.
     "sage": ({"lr": 0.3, "sage_options": {"beta3": 0.99}}, 200, "hidlr.sage"),
-    "hidlr_sage": ({"lr": 0.1, "sage_options": {"beta3": 0.99}}, 200, "hidlr.sage"),
+    "hidlr_sage": ({"lr": 0.1, "sage_options": {"beta3": 0.99}}, 300, "hidlr.sage"),
 }
 THIRD_PARTY = {"prodigyopt", "dadaptation", "dog", "schedulefree", "peft", "optuna"}
 

@@ -161,20 +161,23 @@ def test_trainer_full_model_trains_and_logs(tmp_path):
 
 
 def test_trainer_lora_groups_a_b_head(tmp_path):
-    t = trainer(tmp_path, lora=True, steps=60)
-    t.train()
-    opt = t.hidlr_optimizer
-    assert group_names(opt) == ["lora_A", "lora_B", "head"]
-    losses = train_losses(t)
-    assert losses[0] > 0.6
-    assert losses[-1] < 0.35, losses  # half of chance level; reached: 0.23
-    assert_rates_moved(opt, [LORA_LR] * 3)
-    # only the adapter and the head train
-    trained = {id(p) for g in opt.param_groups for p in g["params"]}
-    frozen = [n for n, p in t.model.named_parameters() if id(p) not in trained]
-    assert frozen and all(
-        not p.requires_grad for n, p in t.model.named_parameters() if id(p) not in trained
-    )
+    finals = []
+    for seed in range(3):  # one seed's last logged loss is too noisy to judge alone
+        t = trainer(tmp_path / str(seed), lora=True, steps=60, seed=seed, data_seed=seed)
+        t.train()
+        opt = t.hidlr_optimizer
+        assert group_names(opt) == ["lora_A", "lora_B", "head"]
+        losses = train_losses(t)
+        assert losses[0] > 0.6
+        finals.append(losses[-1])
+        assert_rates_moved(opt, [LORA_LR] * 3)
+        # only the adapter and the head train
+        trained = {id(p) for g in opt.param_groups for p in g["params"]}
+        frozen = [n for n, p in t.model.named_parameters() if id(p) not in trained]
+        assert frozen and all(
+            not p.requires_grad for n, p in t.model.named_parameters() if id(p) not in trained
+        )
+    assert sum(finals) / 3 < 0.35, finals  # half of chance level; reached: 0.27
 
 
 def test_trainer_mixed_precision_bf16(tmp_path):

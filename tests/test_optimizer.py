@@ -509,7 +509,7 @@ def test_exception_in_closure_leaves_plain_base_step(fail_at):
     assert not opt.is_probe_step()
 
 
-def test_nan_probe_rejects_only_that_group():
+def test_nan_probe_rejects_that_group_and_the_paper_policy_keeps_every_rate():
     a = nn.Parameter(torch.tensor([3.0], dtype=F64))
     b = nn.Parameter(torch.tensor([2.0], dtype=F64))
     calls = []
@@ -525,8 +525,8 @@ def test_nan_probe_rejects_only_that_group():
     calls.clear()
     opt.step(closure)
     ga, gb = opt.history[0].groups
-    assert ga.accepted and opt.lrs[0] == pytest.approx(0.5, rel=1e-10)
-    assert gb.reason == "nonfinite_probe" and opt.lrs[1] == 0.1
+    assert ga.accepted and ga.proposed == pytest.approx(0.5, rel=1e-10)  # its own fit stands
+    assert gb.reason == "nonfinite_probe" and opt.lrs == [0.1, 0.1]  # but no rate moves alone
     assert torch.isfinite(b).all() and b.item() == pytest.approx(2.0 - 0.1 * 8.0, rel=1e-12)
 
 
@@ -1206,3 +1206,52 @@ def test_a_failing_deferred_closure_drops_the_probes_before_the_step():
     assert not opt.needs_closure()  # the probes are gone; the retry is a plain step
     opt.step()
     assert torch.equal(w.detach(), after_probe_step.add(w.grad, alpha=-0.1))
+
+
+def test_the_paper_policy_moves_all_rates_or_none():
+    # group 0 convex along its step, group 1 concave: Algorithm 1 keeps every rate
+    h = torch.diag(torch.tensor([2.0, 3.0, -1.0, -0.5], dtype=F64))
+    q = torch.tensor([1.0, -1.0, 0.5, 0.2], dtype=F64)
+    ps = [nn.Parameter(torch.tensor(v, dtype=F64)) for v in ([0.3, 0.2], [0.4, -0.1])]
+    opt = paper(torch.optim.SGD([{"params": [p]} for p in ps], lr=0.1), smoothing=0.5)
+    loss = lambda: 0.5 * torch.cat(ps) @ h @ torch.cat(ps) - q @ torch.cat(ps)  # noqa: E731
+    opt.zero_grad()
+    loss().backward()
+    opt.step(loss)
+    assert [g.reason for g in opt.history[0].groups] == ["accepted", "not_convex"]
+    assert opt.lrs == [0.1, 0.1]
+
+
+def test_probes_are_fitted_where_they_are_with_a_scheduler_factor_near_one():
+    # offsets within 1e-3 of the base step are taken at it: the fit must use that position
+    h, q = spd(4, 3)
+    w = nn.Parameter(torch.randn(4, dtype=F64))
+    loss = lambda: 0.5 * w @ h @ w - q @ w  # noqa: E731
+    opt = paper(torch.optim.SGD([w], lr=0.3), update_every=100, smoothing=0.0)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9995)
+    opt.zero_grad()
+    loss().backward()
+    g = w.grad.clone()
+    opt.step(loss)
+    group = opt.history[0].groups[0]
+    assert group.b == pytest.approx((g @ g).item(), rel=1e-12)
+    assert pytest.approx((g @ h @ g).item(), rel=1e-12) == group.A
+
+
+def test_step_hooks_run_once_per_step_in_subclasses():
+    # torch wraps each class's step with the hooks; a subclass's step calling HiDLR.step would
+    # run them twice once any plain HiDLR exists (it wraps HiDLR.step too)
+    from hidlr.integrations.transformers import ClosureHiDLR
+
+    hidlr.HiDLR(sgd())
+    w = nn.Parameter(torch.ones(2))
+    opt = ClosureHiDLR(torch.optim.SGD([w], lr=0.1), update_every=2)
+    opt.default_closure = lambda: (w**2).sum()
+    calls = {"pre": 0, "post": 0}
+    opt.register_step_pre_hook(lambda *a: calls.__setitem__("pre", calls["pre"] + 1))
+    opt.register_step_post_hook(lambda *a: calls.__setitem__("post", calls["post"] + 1))
+    for _ in range(4):
+        opt.zero_grad()
+        (w**2).sum().backward()
+        opt.step()
+    assert calls == {"pre": 4, "post": 4} and opt.steps == 4

@@ -292,3 +292,36 @@ def test_a_loss_that_keeps_multiplying_after_a_cut_is_cut_again():
     assert actions[6:8] == ["spike", "spike"] and "spike" not in actions[8:]
     assert max(losses) == losses[7] < 1e4  # caught after one 10x growth
     assert losses[-1] < 0.5 * losses[8]  # and training goes on downhill
+
+
+# -- found by review: the combined step ----------------------------------------------------------
+
+
+def test_an_overshooting_combined_step_ends_at_its_line_minimum():
+    # L = (w1 + w2 - 1)^2 / 2 from 0: each group's own step goes to 1, together they overshoot
+    w1, w2 = nn.Parameter(torch.zeros(1, dtype=F64)), nn.Parameter(torch.zeros(1, dtype=F64))
+    loss = lambda: 0.5 * (w1 + w2 - 1.0).pow(2).sum()  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.SGD([{"params": [w1]}, {"params": [w2]}], lr=1.0))
+    opt.zero_grad()
+    loss().backward()
+    opt.step(loss)
+    rec = opt.history[0]
+    assert rec.coupling_ratio == pytest.approx(0.5, rel=1e-12)  # B / C of the measured step
+    # the step is shortened to the minimum along it, once (not by the new coupling as well)
+    assert w1.item() == pytest.approx(0.5, abs=1e-12) and w2.item() == pytest.approx(0.5, abs=1e-12)
+    assert loss().item() == pytest.approx(0.0, abs=1e-20)
+
+
+@pytest.mark.parametrize("policy", ["paper", "robust"])
+def test_coupled_fit_is_newton_under_either_policy(policy):
+    # L = w1^2 + w2^2 + w1 w2 - w1 - w2: one coupled Newton step from 0 reaches (1/3, 1/3)
+    w1, w2 = nn.Parameter(torch.zeros(1, dtype=F64)), nn.Parameter(torch.zeros(1, dtype=F64))
+    loss = lambda: (w1**2 + w2**2 + w1 * w2 - w1 - w2).sum()  # noqa: E731
+    base = torch.optim.SGD([{"params": [w1]}, {"params": [w2]}], lr=0.3)  # (robust: the
+    opt = hidlr.HiDLR(base, coupled=True, policy=policy, smoothing=0.0)  # warm-up takes 1/3)
+    opt.zero_grad()
+    loss().backward()
+    opt.step(loss)
+    assert opt.lrs == pytest.approx([1 / 3, 1 / 3], rel=1e-10)
+    assert [w1.item(), w2.item()] == pytest.approx([1 / 3, 1 / 3], rel=1e-10)
+    assert opt.history[0].coupling == 1.0  # no diagonal correction on top of the solve

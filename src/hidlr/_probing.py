@@ -35,6 +35,11 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SNAP = 1e-3
 
 
+def snapped(offset: float) -> float:
+    """The offset :meth:`GroupMover.move` goes to: 0 (``w1`` itself) when within ``_SNAP``."""
+    return 0.0 if abs(offset) < _SNAP else offset
+
+
 def _dtensor_class() -> type | None:
     """``DTensor`` if its module is loaded (no tensor can be one otherwise): looked up, not
     imported, as importing it costs most of a second."""
@@ -153,8 +158,7 @@ class GroupMover:
         ]
 
     def move(self, offset: float) -> None:
-        if abs(offset) < _SNAP:
-            offset = 0.0
+        offset = snapped(offset)
         if offset == self.offset or not self.params:
             return
         if offset == 0.0:

@@ -18,6 +18,7 @@ from hidlr._probing import (
     _dtensor_class,
     _exchange,
     probe_context,
+    snapped,
     snapshot,
     storage_ptr,
     swap_plan,
@@ -130,8 +131,9 @@ class HiDLR(Optimizer):
             a good fit; the default ``(-2, -1, 1, 2)`` is the paper's. Each non-zero value
             costs one forward pass per group; a ``0`` costs one forward pass per probe step
             (the unperturbed point, shared by all groups). Cheaper choices: ``(-1, 1, 2)``
-            (3K passes) or ``(-2, 0, 2)`` (2K + 1 passes; with two points per group the fit
-            is exact, so the ``min_r2`` guard can no longer reject a noisy fit).
+            (3K passes) or ``(-2, 0, 2)`` (2K + 1 passes). With as many probes as unknowns
+            (``(-2, 0, 2)``, or three points and one group) the fit is exact, so the
+            ``min_r2`` guard can no longer reject a noisy fit.
         min_r2: accept a fit only when its :math:`R^2` on the group's probes exceeds this.
             With ``policy="paper"``, a value above 1 disables all updates (the rates stay at
             their initial values); the robust policy's safeguards still move them.
@@ -140,7 +142,8 @@ class HiDLR(Optimizer):
             :math:`A \eta = b`; all groups of the fit are updated together or not at all.
         max_rate_change: if set, a single update changes a rate at most by this factor.
         policy: ``"robust"`` (default) or ``"paper"``. ``"paper"`` is Algorithm 1 as written:
-            the smoothed update above, only on accepted fits. ``"robust"`` moves the rate
+            the smoothed update above, only when every group's fit is accepted (line 14;
+            otherwise no rate changes). ``"robust"`` moves the rate
             toward every proposal alike, shorter or longer, by a log-space average (weight
             ``1 - smoothing``, at most x2 either way per update; see
             :func:`hidlr.rates.robust_rate`): taking shorter proposals at once annealed the
@@ -508,11 +511,16 @@ class HiDLR(Optimizer):
             for g, lr in zip(groups, scheduled, strict=True):
                 g["lr"] = lr
 
-    @torch.no_grad()
     def step(self, closure: Closure | None = None) -> None:  # type: ignore[override]
         """One training step; on probe steps (with ``defer_probes``, the steps after them:
         :meth:`needs_closure`) ``closure()`` must return the scalar loss at the current weights
         (no ``backward``)."""
+        self._hidlr_step(closure)
+
+    @torch.no_grad()
+    def _hidlr_step(self, closure: Closure | None) -> None:
+        # the step itself; subclasses that wrap step() call this rather than super().step():
+        # torch wraps every class's step() with the optimizer hooks, so those would run twice
         if self.needs_closure() and (closure is None or not callable(closure)):
             when = (
                 f"the step after a probe step with defer_probes=True (step {self._steps})"
@@ -638,7 +646,10 @@ class HiDLR(Optimizer):
 
         def probe(placement: dict[int, float]) -> None:
             for k, c in placement.items():
-                movers[k].move(c * rates[k] / used[k] - 1.0)
+                offset = c * rates[k] / used[k] - 1.0
+                movers[k].move(offset)
+                if snapped(offset) != offset:  # (a scheduler factor within 1e-3 of 1)
+                    placement = {**placement, k: used[k] / rates[k]}  # where it really is
             values.append(evaluate())
             rows.append(placement)
 
@@ -693,17 +704,19 @@ class HiDLR(Optimizer):
             )
             coupling, n_coupling = self._coupling, self._coupling_updates
             step_loss, ratio, backtrack = math.nan, math.nan, 1.0
+            measured_step = [coupling * d for d in diag]
             if opts["policy"] == "robust" and len(active) >= 2:
                 # one more probe: the combined step of all groups, which eq. 3.1 does not see
+                steps = [0.0] * n
                 for k in active:
-                    movers[k].move(coupling * diag[k] / rates[k] - 1.0)
+                    offset = measured_step[k] / rates[k] - 1.0
+                    movers[k].move(offset)
+                    moved_to = snapped(offset) == offset
+                    steps[k] = measured_step[k] * used[k] / rates[k] if moved_to else used[k]
                 step_loss = evaluate().item()
-                steps = [
-                    coupling * diag[k] * used[k] / rates[k] if k in active else 0.0
-                    for k in range(n)
-                ]
                 backtrack = step_scale(fit, steps, step_loss)
-                measured = coupling_ratio(fit, steps, step_loss)
+                # (with coupled=True the solve of eq. 2.4 has taken the interactions in already)
+                measured = None if opts["coupled"] else coupling_ratio(fit, steps, step_loss)
                 if measured is not None:
                     ratio = measured
                     clipped = min(max(measured, 1e-3), 2.0)
@@ -724,8 +737,12 @@ class HiDLR(Optimizer):
             if growth > 1.0:
                 new_rates[k], diag[k], counts[k] = rates[k] * growth, diag[k] * growth, 0
                 actions[k] = "grow"
-        # an overshooting combined step is shortened now; the rates keep their averages
-        this_step = [r * backtrack if k in active else r for k, r in enumerate(new_rates)]
+        # an overshooting combined step is shortened now, to the minimum along the step that was
+        # measured (the old coupling factor); the rates keep their averages
+        this_step = [
+            min(r, backtrack * measured_step[k]) if k in active and backtrack < 1.0 else r
+            for k, r in enumerate(new_rates)
+        ]
         if deferred:
             # the probe step's update was taken with the old rates and the next gradient was
             # computed there: it stays (rescaling it now diverged on the robustness benchmark)

@@ -162,6 +162,9 @@ def diagonal_rates(
     """
     diag, counts = list(diag), list(counts)
     actions = ["keep"] * len(diag)
+    if policy == "paper" and not all(decisions[k].accepted for k in active):
+        # Algorithm 1, line 14 (and section 3): the rates move together or not at all
+        return diag, counts, actions
     for k in active:
         dec = decisions[k]
         if policy == "robust":

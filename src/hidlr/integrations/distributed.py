@@ -293,7 +293,7 @@ class DistributedHiDLR(HiDLR):
                 "state dict or a changed option); give each rank the next batch's closure instead"
             )
         if closure is None or not callable(closure) or not self.needs_closure():
-            return super().step(closure)
+            return self._hidlr_step(closure)
 
         def synced() -> Any:
             fresh.next_probe()
@@ -316,7 +316,7 @@ class DistributedHiDLR(HiDLR):
         self._fitted = False
         try:
             with _fresh_shards() as fresh:
-                return super().step(synced)
+                return self._hidlr_step(synced)
         finally:
             self._fitted = False
 

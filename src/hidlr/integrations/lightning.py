@@ -97,7 +97,7 @@ class LightningHiDLR(HiDLR):
                 "hidlr.integrations.lightning.HiDLRCallback() to the Trainer's callbacks and "
                 "define probe_loss(batch) on the LightningModule"
             )
-        super().step(probe)
+        self._hidlr_step(probe)  # (not super().step: the optimizer hooks would run twice)
         return loss
 
     def __getstate__(self) -> dict[str, Any]:

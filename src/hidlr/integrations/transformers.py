@@ -98,7 +98,8 @@ class ClosureHiDLR(HiDLR):
         self.step_batches, self.previous_batches = list(batches or []), []
 
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
-        return super().step(closure if closure is not None else self.default_closure)
+        # (not super().step: the optimizer hooks would run twice)
+        return self._hidlr_step(closure if closure is not None else self.default_closure)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
