@@ -32,7 +32,7 @@ training batch. Lightning loads it only after the step, so the callback runs the
 previous step's batch at once (the first step, which has none, probes its own), and keeps it in
 the callback's checkpoint state. On the robustness benchmark (``hidlr bench robustness
 --probe-batch``) deferred probes keep 7 of 12 tasks within 5% of the grid-best rate with no
-diverged run, the previous batch 6 (one diverged run of 216) and the gradient's own 5 (three);
+diverged run, the previous batch 5 (three diverged runs of 216) and the gradient's own 4 (one);
 probing the next batch at once, where a loop can hand it over, keeps 9 (see the README).
 
 Manual optimisation works the same way: ``LightningHiDLR`` with the callback, and
