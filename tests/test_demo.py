@@ -33,3 +33,22 @@ def test_cli_rejects_unknown_command(capsys):
     with pytest.raises(SystemExit):
         main(["nope"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["bench", "greedy", "friedman_mlp", "--lr", "0.1", "--every", "0"],
+            "--every: must be int > 0",
+        ),
+        (["bench", "greedy", "friedman_mlp", "--lr", "-1"], "--lr: must be float > 0"),
+        (["bench", "greedy", "friedman_mlp", "--lr", "nan"], "--lr: must be float > 0"),
+        (["bench", "overhead", "--threads", "0"], "--threads: must be int > 0"),
+        (["bench", "robustness", "--seeds", "9" * 400], "--seeds: must be int > 0 and < 2**31"),
+    ],
+)
+def test_cli_numbers_are_checked(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err

@@ -50,6 +50,9 @@ def test_run_specs_refuses_a_stored_run_with_other_settings(tmp_path):
     with pytest.raises(SettingsMismatch, match=r"\{'epochs': 30\} there, \{'epochs': 100\} now"):
         run_specs(full, tmp_path, lambda spec: {"value": 3})
     assert load_results(tmp_path)[0]["train"]["value"] == 1
+    keyed = [RunSpec("exp2", "m", 0, {"lrs": {0: 1e-3, 1: 1e-2}, "x": math.nan})]
+    run_specs(keyed, tmp_path, lambda spec: {"value": 4})
+    run_specs(keyed, tmp_path, lambda spec: {"value": 5})  # equal settings, as JSON stores them
 
 
 def tiny(spec):

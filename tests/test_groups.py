@@ -901,6 +901,7 @@ def test_by_subnetwork_counts_a_shared_parameter_once() -> None:
             r"^groups\[0\]\['params'\] must be a tensor or an iterable of tensors, got None$",
         ),
         (lambda m: format_groups([{"params": 5}]), r"^groups\[0\]\['params'\] must be .*, got 5$"),
+        (lambda m: check_groups(m, [{"params": set(m.parameters())}]), r"a set is not"),
     ],
 )
 def test_bad_group_arguments_are_named(call: Callable[[nn.Module], Any], message: str) -> None:

@@ -492,3 +492,7 @@ def test_a_second_train_keeps_one_hidlr(tmp_path):
     opt = find_hidlr(t.optimizer)
     assert opt is first and isinstance(opt.optimizer, torch.optim.AdamW)
     assert opt.steps == 8
+    opt.step_batches, opt.previous_batches = [], ["stale"]
+    t.args.max_steps = 1
+    t.train()  # a new run starts without the last run's batches
+    assert "stale" not in opt.previous_batches

@@ -1102,6 +1102,28 @@ class _FlatLinear(nn.Module):
         return x @ self.weight.t() + self.bias
 
 
+class _Arena(nn.Module):
+    """Parameters and BatchNorm statistics side by side in one flat tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        arena = torch.randn(28, dtype=F64)
+        self.register_buffer("arena", arena)
+        self.weight = nn.Parameter(arena[:12].view(4, 3))
+        self.bn = nn.BatchNorm1d(4).to(F64)
+        self.bn.weight, self.bn.bias = nn.Parameter(arena[12:16]), nn.Parameter(arena[16:20])
+        with torch.no_grad():
+            self.bn.weight.fill_(1.0)
+            self.bn.bias.zero_()
+            arena[20:24].zero_()
+            arena[24:28].fill_(1.0)
+        self.bn.running_mean, self.bn.running_var = arena[20:24], arena[24:28]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x @ self.weight.t())
+
+
 class _Registers(nn.Module):
     """Registers a buffer the first time it sees a batch size."""
 
@@ -1113,17 +1135,19 @@ class _Registers(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("layout", ["flat", "registers"])
+@pytest.mark.parametrize("layout", ["flat", "arena", "registers"])
 def test_probes_leave_parameter_buffers_and_new_buffers_alone(layout):
     def make():
         torch.manual_seed(0)
         if layout == "flat":
             return _FlatLinear()
+        if layout == "arena":
+            return _Arena()
         return nn.Sequential(nn.Linear(3, 4).to(F64), _Registers())
 
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, generator=gen, dtype=F64), torch.randn(8, 4, generator=gen, dtype=F64)
-    px = torch.randn(6, 3, generator=gen, dtype=F64)  # another batch size
+    px = 5 + torch.randn(6, 3, generator=gen, dtype=F64)  # another batch size and mean
     ref, model = make(), make()
     plain = torch.optim.SGD(ref.parameters(), lr=0.1)
     opt = paper(torch.optim.SGD(model.parameters(), lr=0.1), min_r2=NEVER)
@@ -1150,6 +1174,14 @@ def test_parameters_sharing_data_are_refused():
     assert len(opt.param_groups) == 1
     flat = torch.zeros(8)  # views side by side in one storage are fine
     hidlr.HiDLR(torch.optim.SGD([nn.Parameter(flat[:4]), nn.Parameter(flat[4:])], lr=0.1))
+    w = torch.zeros(4, 6)  # and interleaved ones that share no element
+    halves = [nn.Parameter(w[:, :3]), nn.Parameter(w[:, 3:])]
+    z = torch.zeros(3, dtype=torch.complex64)
+    parts = [nn.Parameter(z.real), nn.Parameter(z.imag)]
+    hidlr.HiDLR(torch.optim.SGD([{"params": [p]} for p in halves + parts], lr=0.1))
+    overlapping = [nn.Parameter(w[:, :4]), nn.Parameter(w[:, 3:])]  # column 3 in both
+    with pytest.raises(ValueError, match="share memory"):
+        hidlr.HiDLR(torch.optim.SGD(overlapping, lr=0.1))
 
 
 def test_one_probe_that_blows_up_halves_the_rate_and_is_no_spike():

@@ -234,8 +234,13 @@ class BufferGuard:
     guard); inside compiled code its work runs as a graph break.
     """
 
-    def __init__(self, exclude: set[int] | None = None) -> None:
-        self._exclude = exclude or set()  # storages of the parameters (the movers' business)
+    def __init__(self, params: Iterable[torch.Tensor] = ()) -> None:
+        # parameters by storage: a buffer that overlaps one is parameter data, moved by the
+        # movers (a flat-parameter layout), not a buffer to put back
+        self._params: dict[int, list[torch.Tensor]] = {}
+        for p in params:
+            if (ptr := storage_ptr(p)) is not None:
+                self._params.setdefault(ptr, []).append(p)
         self._covered: set[nn.Module] = set()
         self._names: list[tuple[nn.Module, set[str]]] = []
         self._owners: list[tuple[nn.Module, str]] = []
@@ -250,11 +255,15 @@ class BufferGuard:
         for _, sub in module.named_modules(memo=self._covered):  # adds to the memo
             self._names.append((sub, set(sub._buffers)))
             for name, buf in sub._buffers.items():
-                if buf is not None and storage_ptr(buf) not in self._exclude:
+                if buf is not None and not self._is_parameter_data(buf):
                     saved = buf.detach().clone()  # first: a failed clone records nothing
                     self._owners.append((sub, name))
                     self._buffers.append(buf)
                     self._saved.append(saved)
+
+    def _is_parameter_data(self, buf: torch.Tensor) -> bool:
+        ptr = storage_ptr(buf)
+        return ptr is not None and any(overlap(buf, p) for p in self._params.get(ptr, ()))
 
     def __enter__(self) -> BufferGuard:
         global _ACTIVE_GUARD
@@ -352,12 +361,39 @@ def storage_ptr(t: torch.Tensor) -> int | None:
     return ptr or None  # meta tensors and empty storages have none
 
 
+def byte_span(t: torch.Tensor) -> tuple[int, int] | None:
+    """The address range ``[start, end)`` that ``t``'s elements lie in (``None`` where
+    there is no storage to read, or no element)."""
+    ptr = storage_ptr(t)
+    if ptr is None or t.numel() == 0:
+        return None
+    start = ptr + int(t.storage_offset()) * t.element_size()
+    extent = sum(int(n - 1) * int(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    return start, start + (extent + 1) * t.element_size()
+
+
+def _bytes(t: torch.Tensor, start: int) -> torch.Tensor:
+    size = t.element_size()
+    offsets = torch.tensor(start, dtype=torch.int64)
+    for n, stride in zip(t.shape, t.stride(), strict=True):
+        offsets = offsets[..., None] + torch.arange(n, dtype=torch.int64) * (stride * size)
+    return (offsets.reshape(-1, 1) + torch.arange(size, dtype=torch.int64)).reshape(-1)
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` share a byte of memory: their address ranges first, then (only
+    when those overlap: interleaved views such as ``w[:, :3]`` and ``w[:, 3:]``) byte by byte."""
+    sa, sb = byte_span(a), byte_span(b)
+    if sa is None or sb is None or sa[1] <= sb[0] or sb[1] <= sa[0]:
+        return False
+    return bool(torch.isin(_bytes(a, sa[0]), _bytes(b, sb[0])).any())
+
+
 @contextlib.contextmanager
 def probe_context(
     devices: list[torch.device], params: Iterable[torch.Tensor] = ()
 ) -> Iterator[tuple[RngReplay, BufferGuard]]:
     """No autograd, replayed random numbers, guarded buffers (except buffers that share
     storage with ``params``: the probes move those)."""
-    exclude = {ptr for p in params if (ptr := storage_ptr(p)) is not None}
-    with torch.no_grad(), RngReplay(devices) as rng, BufferGuard(exclude) as guard:
+    with torch.no_grad(), RngReplay(devices) as rng, BufferGuard(params) as guard:
         yield rng, guard

@@ -166,10 +166,12 @@ def _positive(kind: type) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be {kind.__name__} > 0, got {text!r}")
+            ok = value > 0 and (value < 2**31 if kind is int else math.isfinite(value))
+        except (ValueError, OverflowError):
+            ok = False
+        if not ok:
+            bound = " and < 2**31" if kind is int else ""
+            raise argparse.ArgumentTypeError(f"must be {kind.__name__} > 0{bound}, got {text!r}")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections import OrderedDict, deque
@@ -17,10 +16,11 @@ from hidlr._probing import (
     GroupMover,
     _dtensor_class,
     _exchange,
+    byte_span,
+    overlap,
     probe_context,
     snapped,
     snapshot,
-    storage_ptr,
     swap_plan,
 )
 from hidlr._validation import (
@@ -61,19 +61,21 @@ def _check_no_shared_memory(groups: list[dict[str, Any]]) -> None:
     spans = []
     for i, group in enumerate(groups):
         for j, p in enumerate(group["params"]):
-            ptr = storage_ptr(p)
-            if ptr is not None and p.numel() > 0:
-                start = ptr + p.storage_offset() * p.element_size()
-                extent = sum((n - 1) * st for n, st in zip(p.shape, p.stride(), strict=True))
-                spans.append((start, start + (extent + 1) * p.element_size(), i, j))
-    spans.sort()
-    for (_, end, i, j), (start, _, k, l) in itertools.pairwise(spans):
-        if start < end:
+            if (span := byte_span(p)) is not None:
+                spans.append((*span, i, j, p))
+    spans.sort(key=lambda s: s[:2])
+    open_spans: list[tuple[int, int, int, int, torch.Tensor]] = []
+    for start, end, k, l, q in spans:  # a sweep: only spans whose ranges overlap are compared
+        open_spans = [s for s in open_spans if s[1] > start]
+        for _, _, i, j, p in open_spans:
+            if not overlap(p, q):  # interleaved views: no element in common
+                continue
             raise ValueError(
                 f"param_groups[{i}]['params'][{j}] and param_groups[{k}]['params'][{l}] share "
                 "memory: Hi-DLR moves each parameter on its own; tie them as one Parameter "
                 "(e.g. decoder.weight = encoder.weight) instead of sharing .data"
             )
+        open_spans.append((start, end, k, l, q))
 
 
 def _check_per_group_rates(optimizer: Optimizer) -> None:

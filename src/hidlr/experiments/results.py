@@ -102,7 +102,7 @@ def run_specs(
         skipped = path.exists()
         if skipped:
             saved = json.loads(path.read_text())["run"]
-            wanted = _clean(asdict(spec))
+            wanted = json.loads(json.dumps(_clean(asdict(spec))))  # as stored (keys as str)
             if saved != wanted:
                 changed = sorted(
                     k

@@ -228,6 +228,10 @@ def _as_groups(groups: Any) -> list[Mapping[str, Any]]:
         params = g["params"]
         if isinstance(params, (torch.Tensor, list, tuple)):
             continue
+        if isinstance(params, (set, frozenset)):  # as torch: their order changes between runs
+            _reject(
+                f"groups[{i}]['params']", "an ordered collection (a set is not)", params, TypeError
+            )
         if isinstance(params, (str, Mapping)) or not isinstance(params, Iterable):
             _reject(
                 f"groups[{i}]['params']", "a tensor or an iterable of tensors", params, TypeError

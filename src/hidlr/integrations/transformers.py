@@ -273,6 +273,10 @@ class HiDLRTrainer(Trainer):
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         self._hidlr_stash_step = -1  # every run (a resumed one too) starts its stash afresh
+        with contextlib.suppress(TypeError):
+            opt = find_hidlr(self.optimizer) if self.optimizer is not None else None
+            if isinstance(opt, ClosureHiDLR):
+                opt.step_batches, opt.previous_batches, opt.next_batches = [], [], []
         try:
             return super().train(*args, **kwargs)
         finally:  # let go of the last epoch's iterator (and its worker processes)
