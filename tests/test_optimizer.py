@@ -1287,3 +1287,13 @@ def test_step_hooks_run_once_per_step_in_subclasses():
         (w**2).sum().backward()
         opt.step()
     assert calls == {"pre": 4, "post": 4} and opt.steps == 4
+
+
+def test_group_names_are_distinct_for_logs():
+    from hidlr.integrations import group_names
+
+    ps = [nn.Parameter(torch.ones(1)) for _ in range(4)]
+    groups = [{"params": [ps[0]], "name": "group1"}, {"params": [ps[1]]}]
+    groups += [{"params": [ps[2]], "name": "x"}, {"params": [ps[3]], "name": "x"}]
+    names = group_names(hidlr.HiDLR(torch.optim.SGD(groups, lr=0.1)))
+    assert names == ["group1", "group1_1", "group2", "group3"] and len(set(names)) == 4

@@ -41,12 +41,19 @@ def find_hidlr(optimizer: Any) -> HiDLR:
 
 
 def group_names(optimizer: Any) -> list[str]:
-    """One name per param group: its ``"name"`` entry (as the ``hidlr`` grouping helpers set
-    it) when present and unique, else ``"group<i>"``."""
+    """One distinct name per param group: its ``"name"`` entry (as the ``hidlr`` grouping
+    helpers set it) when present and unique, else ``"group<i>"`` (with ``_<n>`` added while
+    another group already has that name): logs keyed by these names never merge groups."""
     groups = find_hidlr(optimizer).param_groups
     names = [g.get("name") for g in groups]
+    given = {n for n in names if isinstance(n, str) and n and names.count(n) == 1}
     out: list[str] = []
     for i, name in enumerate(names):
-        ok = isinstance(name, str) and name and names.count(name) == 1
-        out.append(str(name) if ok else f"group{i}")
+        if name in given:
+            out.append(str(name))
+            continue
+        fallback, n = f"group{i}", 1
+        while fallback in given or fallback in out:
+            fallback, n = f"group{i}_{n}", n + 1
+        out.append(fallback)
     return out
