@@ -656,8 +656,10 @@ class HiDLR(Optimizer):
             rows.append(placement)
 
         mults = [c for c in opts["probe_multipliers"] if c != 0.0]
-        probed = [t for m in movers for t in (*m.params, *m.w1)]
-        with probe_context(devices, probed) as (rng, guard):
+        # parameters moved in place (views of shared storage): a buffer overlapping one is
+        # parameter data; the others were lent storage of their own for the probes
+        in_place = [p for m in movers for p, lent in zip(m.params, m.plan, strict=True) if not lent]
+        with probe_context(devices, in_place) as (rng, guard):
             if active and len(mults) < len(opts["probe_multipliers"]):
                 probe({})  # a 0 multiplier: the unperturbed point, shared by all groups
             for i, k in enumerate(active):
