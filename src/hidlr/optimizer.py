@@ -691,8 +691,7 @@ class HiDLR(Optimizer):
             recent = self._recent_losses
             # (an intercept that is not finite is no measurement: every group's probes blew up,
             # which halves the rates above)
-            robust_spike = math.isfinite(fit.intercept) and spike(fit.intercept, recent)
-            if opts["policy"] == "robust" and robust_spike:
+            if robust and math.isfinite(fit.intercept) and spike(fit.intercept, recent):
                 # the loss jumped far above its recent floor: the rates (and whatever momentum
                 # they built up) are too large for where training is now; cut them hard, once:
                 # the floor starts again from here, so a loss that stays up (or a noisy one near

@@ -223,6 +223,13 @@ class HiDLRTrainer(Trainer):
             raise TypeError("the trainer's optimizer is not a ClosureHiDLR")
         return opt
 
+    def _existing_hidlr(self) -> ClosureHiDLR | None:
+        """:attr:`hidlr_optimizer` if there is one yet (``None`` before the first train())."""
+        try:
+            return self.hidlr_optimizer
+        except TypeError:
+            return None
+
     def _base_param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         decay = set(self.get_decay_parameter_names(model))
         decayed = {id(p) for n, p in model.named_parameters() if n in decay}
@@ -258,9 +265,8 @@ class HiDLRTrainer(Trainer):
             base = cls(self._base_param_groups(opt_model), **kwargs)
             self.optimizer = ClosureHiDLR(base, **self.hidlr_kwargs)
         elif not isinstance(self.optimizer, ClosureHiDLR):
-            with contextlib.suppress(TypeError):
-                if isinstance(find_hidlr(self.optimizer), ClosureHiDLR):
-                    return self.optimizer  # a second train(): accelerate's wrapper around ours
+            if self._existing_hidlr() is not None:
+                return self.optimizer  # a second train(): accelerate's wrapper around ours
             if isinstance(self.optimizer, HiDLR):
                 raise TypeError(
                     "pass the base optimizer (or a ClosureHiDLR) to HiDLRTrainer, not a HiDLR: "
@@ -273,10 +279,9 @@ class HiDLRTrainer(Trainer):
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         self._hidlr_stash_step = -1  # every run (a resumed one too) starts its stash afresh
-        with contextlib.suppress(TypeError):
-            opt = find_hidlr(self.optimizer) if self.optimizer is not None else None
-            if isinstance(opt, ClosureHiDLR):
-                opt.step_batches, opt.previous_batches, opt.next_batches = [], [], []
+        opt = self._existing_hidlr()
+        if opt is not None:
+            opt.step_batches, opt.previous_batches, opt.next_batches = [], [], []
         try:
             return super().train(*args, **kwargs)
         finally:  # let go of the last epoch's iterator (and its worker processes)
