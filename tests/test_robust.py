@@ -256,6 +256,57 @@ def test_spike_detection():
     assert spike(float("nan"), [1.0])
 
 
+def test_spike_tracking_window_and_reset():
+    from hidlr.rates import SPIKE_WINDOW, track_spikes
+
+    recent: list[float] = []
+    for v in range(1, SPIKE_WINDOW + 3):  # slowly rising losses: no spike, a sliding window
+        spiked, recent = track_spikes(1.0 + 0.01 * v, recent)
+        assert not spiked
+    assert len(recent) == SPIKE_WINDOW and recent[0] == pytest.approx(1.03)
+    spiked, after = track_spikes(10.0, recent)
+    assert spiked and after == [10.0]  # the floor starts again from the spike
+    spiked, after = track_spikes(10.0, recent, detect=False)  # paper policy: only remembered
+    assert not spiked and after == (recent + [10.0])[-SPIKE_WINDOW:]
+    spiked, after = track_spikes(float("nan"), recent)  # no measurement: neither
+    assert not spiked and after == recent
+
+
+def test_applied_rates_coupling_bound_and_stalled_growth():
+    from hidlr.rates import applied_rates
+
+    rates, diag, counts = [1.0, 1.0, 0.1, 5.0], [4.0, 0.9, 0.1, 5.0], [3, 3, 7, 2]
+    actions = ["update", "update", "keep", "keep"]
+    new, d, c, a = applied_rates(
+        rates,
+        diag,
+        counts,
+        actions,
+        [0, 1],
+        [2],
+        [1.0, 1.0, 0.15, 5.0],
+        coupling=0.5,
+        max_rate_change=None,
+    )
+    assert new == [2.0, 0.45, 0.15, 5.0]  # coupling x diagonal; the stalled group up to its peak
+    assert d == [4.0, 0.9, pytest.approx(0.15), 5.0] and c == [3, 3, 0, 2]
+    assert a == ["update", "update", "grow", "keep"]
+    new, d, _, _ = applied_rates(
+        rates,
+        diag,
+        counts,
+        actions,
+        [0, 1],
+        [2],
+        [1.0, 1.0, 1.0, 5.0],
+        coupling=0.5,
+        max_rate_change=1.5,
+    )
+    # the applied rate is bounded (the diagonal one scaled alike); growth too
+    assert new == [1.5, pytest.approx(1 / 1.5), pytest.approx(0.15), 5.0]
+    assert d == [3.0, pytest.approx(4 / 3), pytest.approx(0.15), 5.0]
+
+
 def test_a_loss_that_stays_up_is_cut_once_not_at_every_probe_step():
     w = nn.Parameter(torch.tensor([0.0, 0.0], dtype=F64))
     c = torch.tensor([1.0, 10.0], dtype=F64)  # ill-conditioned: no step lands on the minimum

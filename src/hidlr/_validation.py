@@ -9,6 +9,11 @@ import math
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
+import torch
+from torch.optim import Optimizer
+
+from hidlr._probing import byte_span, overlap
+
 
 def _fail(name: str, accepted: str, value: Any, exc: type[Exception] = ValueError) -> NoReturn:
     raise exc(f"{name} must be {accepted}, got {value!r}")
@@ -83,3 +88,44 @@ def check_multipliers(value: Any) -> tuple[float, ...]:
     if not ok:
         raise ValueError(f"probe_multipliers must be {accepted}, got {value!r}")
     return mults
+
+
+# packages whose optimizers use one step size for all param groups: they refuse different lr
+# values per group (Prodigy, DAdaptAdam, DAdaptSGD, DAdaptLion) or read the first group's
+# only (DAdaptAdaGrad, DAdaptAdan), so Hi-DLR can only give them one rate (one group)
+_SHARED_STEP_SIZE = ("prodigyopt", "dadaptation")
+
+
+def check_no_shared_memory(groups: list[dict[str, Any]]) -> None:
+    """Hi-DLR moves each parameter on its own: two that overlap in memory (tied by sharing
+    ``.data`` rather than by being one ``Parameter``) would be moved twice and come apart."""
+    spans = []
+    for i, group in enumerate(groups):
+        for j, p in enumerate(group["params"]):
+            if (span := byte_span(p)) is not None:
+                spans.append((*span, i, j, p))
+    spans.sort(key=lambda s: s[:2])
+    open_spans: list[tuple[int, int, int, int, torch.Tensor]] = []
+    for start, end, k, l, q in spans:  # a sweep: only spans whose ranges overlap are compared
+        open_spans = [s for s in open_spans if s[1] > start]
+        for _, _, i, j, p in open_spans:
+            if not overlap(p, q):  # interleaved views: no element in common
+                continue
+            raise ValueError(
+                f"param_groups[{i}]['params'][{j}] and param_groups[{k}]['params'][{l}] share "
+                "memory: Hi-DLR moves each parameter on its own; tie them as one Parameter "
+                "(e.g. decoder.weight = encoder.weight) instead of sharing .data"
+            )
+        open_spans.append((start, end, k, l, q))
+
+
+def check_per_group_rates(optimizer: Optimizer) -> None:
+    cls = type(optimizer)
+    shared = any(c.__module__.partition(".")[0] in _SHARED_STEP_SIZE for c in cls.__mro__)
+    if shared and len(optimizer.param_groups) > 1:
+        raise ValueError(
+            f"optimizer must accept a different lr per param group for Hi-DLR to adapt them; "
+            f"{cls.__name__} shares one step size across groups and refuses that, got "
+            f"{len(optimizer.param_groups)} groups: give it a single param group (one adapted "
+            "rate, Hi-ULR), or use a base optimizer with per-group rates (SGD, Adam(W), ...)"
+        )

@@ -53,6 +53,35 @@ class GroupProbe:
     influence: float = float("nan")
     share: float = float("nan")
 
+    @classmethod
+    def of(
+        cls,
+        group: int,
+        lrs: tuple[float, float],
+        proposed: float,
+        fitted: tuple[float, float, float],
+        reason: str,
+        action: str,
+        influence: tuple[float, float],
+    ) -> GroupProbe:
+        """The record of one group's fit: ``lrs`` before and after, ``fitted`` its ``(b, A,
+        R^2)``, ``influence`` its smoothed influence and share after this step."""
+        b, a, r2 = fitted
+        decrease = b * b / (2 * a) if (a > 0 and b > 0) else math.nan
+        return cls(
+            group,
+            *lrs,
+            proposed,
+            b,
+            a,
+            r2,
+            decrease,
+            reason == "accepted",
+            reason,
+            action,
+            *influence,
+        )
+
 
 @dataclass(frozen=True)
 class ProbeRecord:

@@ -16,8 +16,6 @@ from hidlr._probing import (
     GroupMover,
     _dtensor_class,
     _exchange,
-    byte_span,
-    overlap,
     probe_context,
     snapped,
     snapshot,
@@ -29,18 +27,20 @@ from hidlr._validation import (
     check_float,
     check_int,
     check_multipliers,
+    check_no_shared_memory,
+    check_per_group_rates,
 )
 from hidlr.fit import QuadraticFit, fit_quadratic, propose_rates
 from hidlr.history import GroupProbe, ProbeRecord
 from hidlr.influence import choose_frozen, predicted_decrease, update_influence
 from hidlr.rates import (
     SPIKE_CUT,
-    SPIKE_WINDOW,
+    applied_rates,
     coupling_ratio,
     diagonal_rates,
     log_average,
-    spike,
     step_scale,
+    track_spikes,
 )
 
 __all__ = ["HiDLR"]
@@ -48,46 +48,6 @@ __all__ = ["HiDLR"]
 logger = logging.getLogger(__name__)
 
 Closure = Callable[[], Any]
-
-# packages whose optimizers use one step size for all param groups: they refuse different lr
-# values per group (Prodigy, DAdaptAdam, DAdaptSGD, DAdaptLion) or read the first group's
-# only (DAdaptAdaGrad, DAdaptAdan), so Hi-DLR can only give them one rate (one group)
-_SHARED_STEP_SIZE = ("prodigyopt", "dadaptation")
-
-
-def _check_no_shared_memory(groups: list[dict[str, Any]]) -> None:
-    """Hi-DLR moves each parameter on its own: two that overlap in memory (tied by sharing
-    ``.data`` rather than by being one ``Parameter``) would be moved twice and come apart."""
-    spans = []
-    for i, group in enumerate(groups):
-        for j, p in enumerate(group["params"]):
-            if (span := byte_span(p)) is not None:
-                spans.append((*span, i, j, p))
-    spans.sort(key=lambda s: s[:2])
-    open_spans: list[tuple[int, int, int, int, torch.Tensor]] = []
-    for start, end, k, l, q in spans:  # a sweep: only spans whose ranges overlap are compared
-        open_spans = [s for s in open_spans if s[1] > start]
-        for _, _, i, j, p in open_spans:
-            if not overlap(p, q):  # interleaved views: no element in common
-                continue
-            raise ValueError(
-                f"param_groups[{i}]['params'][{j}] and param_groups[{k}]['params'][{l}] share "
-                "memory: Hi-DLR moves each parameter on its own; tie them as one Parameter "
-                "(e.g. decoder.weight = encoder.weight) instead of sharing .data"
-            )
-        open_spans.append((start, end, k, l, q))
-
-
-def _check_per_group_rates(optimizer: Optimizer) -> None:
-    cls = type(optimizer)
-    shared = any(c.__module__.partition(".")[0] in _SHARED_STEP_SIZE for c in cls.__mro__)
-    if shared and len(optimizer.param_groups) > 1:
-        raise ValueError(
-            f"optimizer must accept a different lr per param group for Hi-DLR to adapt them; "
-            f"{cls.__name__} shares one step size across groups and refuses that, got "
-            f"{len(optimizer.param_groups)} groups: give it a single param group (one adapted "
-            "rate, Hi-ULR), or use a base optimizer with per-group rates (SGD, Adam(W), ...)"
-        )
 
 
 @dataclass
@@ -218,8 +178,8 @@ class HiDLR(Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer other than HiDLR, got {type(optimizer).__name__}"
             )
-        _check_per_group_rates(optimizer)
-        _check_no_shared_memory(optimizer.param_groups)
+        check_per_group_rates(optimizer)
+        check_no_shared_memory(optimizer.param_groups)
         self.optimizer = optimizer
         self.options: dict[str, Any] = {
             "update_every": check_int("update_every", update_every, minimum=1),
@@ -306,8 +266,8 @@ class HiDLR(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
         try:
-            _check_per_group_rates(self.optimizer)
-            _check_no_shared_memory(self.param_groups)
+            check_per_group_rates(self.optimizer)
+            check_no_shared_memory(self.param_groups)
             self._init_group(len(self.param_groups) - 1, self.param_groups[-1])
         except (TypeError, ValueError):
             self.optimizer.param_groups.pop()
@@ -688,23 +648,10 @@ class HiDLR(Optimizer):
                 reach=max(abs(c) for c in opts["probe_multipliers"]),
                 max_rate_change=opts["max_rate_change"],
             )
-            recent = self._recent_losses
-            # (an intercept that is not finite is no measurement: every group's probes blew up,
-            # which halves the rates above)
-            if robust and math.isfinite(fit.intercept) and spike(fit.intercept, recent):
-                # the loss jumped far above its recent floor: the rates (and whatever momentum
-                # they built up) are too large for where training is now; cut them hard, once:
-                # the floor starts again from here, so a loss that stays up (or a noisy one near
-                # zero) does not cut again at every probe step until the rates are too small
-                # for a float32 step to move the weights
+            spiked, recent = track_spikes(fit.intercept, self._recent_losses, detect=robust)
+            if spiked:  # the rates (and whatever momentum they built up) are too large: cut once
                 for k in active:
                     diag[k], actions[k] = diag[k] * SPIKE_CUT, "spike"
-                recent = []
-            recent = (
-                (recent + [fit.intercept])[-SPIKE_WINDOW:]
-                if math.isfinite(fit.intercept)
-                else recent
-            )
             coupling, n_coupling = self._coupling, self._coupling_updates
             step_loss, ratio, backtrack = math.nan, math.nan, 1.0
             measured_step = [coupling * d for d in diag]
@@ -725,21 +672,20 @@ class HiDLR(Optimizer):
                     clipped = min(max(measured, 1e-3), 2.0)
                     coupling = log_average(coupling, clipped, n_coupling, opts["smoothing"])
                     n_coupling += 1
-        new_rates = [coupling * diag[k] if k in active else rates[k] for k in range(n)]
-        bound = opts["max_rate_change"]
-        if bound is not None:  # the rate applied, after the coupling factor and spike cuts
-            for k in active:
-                clipped = min(max(new_rates[k], rates[k] / bound), rates[k] * bound)
-                diag[k] *= clipped / new_rates[k]
-                new_rates[k] = clipped
         # (a checkpoint from before the peak was kept: the larger of the initial and the
         # current rate)
         peaks = [g.get("hidlr_peak_lr", max(g["hidlr_lr"], g["hidlr_ref_lr"])) for g in groups]
-        for k in stalled:
-            growth = min(2.0, peaks[k] / rates[k], opts["max_rate_change"] or 2.0)
-            if growth > 1.0:
-                new_rates[k], diag[k], counts[k] = rates[k] * growth, diag[k] * growth, 0
-                actions[k] = "grow"
+        new_rates, diag, counts, actions = applied_rates(
+            rates,
+            diag,
+            counts,
+            actions,
+            active,
+            stalled,
+            peaks,
+            coupling=coupling,
+            max_rate_change=opts["max_rate_change"],
+        )
         # an overshooting combined step is shortened now, to the minimum along the step that was
         # measured (the old coupling factor); the rates keep their averages
         this_step = [
@@ -768,35 +714,19 @@ class HiDLR(Optimizer):
         shares = self.influence_share
         records = []
         for k, g in enumerate(groups):
-            b, a = fit.b[k], fit.A[k][k]
             if k in active:
                 reason, proposed = decisions[k].reason, decisions[k].proposed
             else:
-                reason = (
-                    "frozen"
-                    if g["hidlr_frozen"]
-                    else "stalled"
-                    if k in stalled
-                    else "zero_direction"
-                    if g["params"]
-                    else "empty_group"
-                )
-                proposed = math.nan
+                reason, proposed = _idle_reason(g, k in stalled), math.nan
             records.append(
-                GroupProbe(
+                GroupProbe.of(
                     k,
-                    rates[k],
-                    new_rates[k],
+                    (rates[k], new_rates[k]),
                     proposed,
-                    b,
-                    a,
-                    fit.r2[k],
-                    b * b / (2 * a) if (a > 0 and b > 0) else math.nan,
-                    reason == "accepted",
+                    (fit.b[k], fit.A[k][k], fit.r2[k]),
                     reason,
                     actions[k],
-                    g["hidlr_influence"],
-                    shares[k],
+                    (g["hidlr_influence"], shares[k]),
                 )
             )
         record = ProbeRecord(
@@ -879,6 +809,15 @@ class HiDLR(Optimizer):
             logger.info(
                 "hidlr: froze group %d at step %d (influence share %.3g)", k, step, shares[k]
             )
+
+
+def _idle_reason(group: dict[str, Any], stalled: bool) -> str:
+    """Why a group was not probed."""
+    if group["hidlr_frozen"]:
+        return "frozen"
+    if stalled:
+        return "stalled"
+    return "zero_direction" if group["params"] else "empty_group"
 
 
 def _restore_requires_grad(params: list[torch.Tensor], flags: list[bool] | None) -> None:

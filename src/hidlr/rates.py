@@ -16,6 +16,7 @@ from hidlr.fit import QuadraticFit, RateDecision
 
 __all__ = [
     "RobustStep",
+    "applied_rates",
     "coupling_ratio",
     "diagonal_rates",
     "log_average",
@@ -23,6 +24,7 @@ __all__ = [
     "smooth_rate",
     "spike",
     "step_scale",
+    "track_spikes",
 ]
 
 
@@ -248,3 +250,51 @@ def spike(loss: float, recent: Sequence[float], factor: float = SPIKE_FACTOR) ->
         return True
     floor = min(recent)
     return len(recent) >= 3 and floor > 0 and loss > factor * floor
+
+
+def track_spikes(
+    loss: float, recent: Sequence[float], *, detect: bool = True
+) -> tuple[bool, list[float]]:
+    """Whether this probe step's unperturbed (fitted) loss is a :func:`spike` (only when
+    ``detect``), and the recent losses to judge the next one by: the last ``SPIKE_WINDOW``
+    finite ones, started afresh after a spike, so a loss that stays up (or a noisy one near
+    zero) does not cut again at every probe step until the rates are too small for a float32
+    step to move the weights. A loss that is not finite is no measurement (every group's
+    probes blew up, which halves the rates by itself): neither a spike nor remembered."""
+    finite = math.isfinite(loss)
+    spiked = detect and finite and spike(loss, recent)
+    kept = [] if spiked else list(recent)
+    return spiked, (kept + [loss])[-SPIKE_WINDOW:] if finite else kept
+
+
+def applied_rates(
+    rates: Sequence[float],
+    diag: Sequence[float],
+    counts: Sequence[int],
+    actions: Sequence[str],
+    active: Sequence[int],
+    stalled: Sequence[int],
+    peaks: Sequence[float],
+    *,
+    coupling: float,
+    max_rate_change: float | None,
+) -> tuple[list[float], list[float], list[int], list[str]]:
+    """The rates applied from this probe step on: each active group's diagonal rate times the
+    ``coupling`` factor, its ratio to the old rate clipped to ``[1 / max_rate_change,
+    max_rate_change]`` when a bound is set (the diagonal rate scaled alike), and each
+    ``stalled`` group's rate (one whose step no longer changes its weights) doubled, no further
+    than its ``peaks`` value or the bound, with its count of accepted fits reset. Other groups
+    keep their rates. Returns the new rates, diagonal rates, counts and actions."""
+    new = list(rates)
+    diag, counts, actions = list(diag), list(counts), list(actions)
+    for k in active:
+        new[k] = coupling * diag[k]
+        if max_rate_change is not None:
+            clipped = min(max(new[k], rates[k] / max_rate_change), rates[k] * max_rate_change)
+            diag[k] *= clipped / new[k]
+            new[k] = clipped
+    for k in stalled:
+        growth = min(2.0, peaks[k] / rates[k], max_rate_change or 2.0)
+        if growth > 1.0:
+            new[k], diag[k], counts[k], actions[k] = rates[k] * growth, diag[k] * growth, 0, "grow"
+    return new, diag, counts, actions
