@@ -16,7 +16,14 @@ from hidlr.experiments import finetune
 from hidlr.experiments.paper import EXPERIMENTS
 from hidlr.experiments.report import _value, build_report, summarize_experiment
 from hidlr.experiments.results import RunSpec, SettingsMismatch, load_results, run_specs
-from hidlr.experiments.robustness import format_summary, jobs_for, run_benchmark, summarize
+from hidlr.experiments.robustness import (
+    GRID_EXTENSIONS,
+    edge_jobs,
+    format_summary,
+    jobs_for,
+    run_benchmark,
+    summarize,
+)
 from hidlr.experiments.tasks import TASKS
 
 
@@ -205,7 +212,10 @@ def test_robustness_benchmark_tiny(tmp_path):
     )
     summary = summarize(path)
     row = summary["tasks"]["logistic_wide"]
-    assert row["grid_runs"] == 7 and set(row["methods"]) == {
+    # 7 points, and one more at a time past an edge where the best lies (at most a decade)
+    assert row["grid_runs"] == row["grid_points"] >= 7
+    assert not row["grid_best_at_edge"] or row["grid_points"] == 7 + GRID_EXTENSIONS
+    assert set(row["methods"]) == {
         "prodigy",
         "dadaptation",
         "dog",
@@ -261,6 +271,68 @@ def test_sweep_spread_is_over_seed_means(tmp_path):
     row = summarize(path)["tasks"]["friedman_mlp"]["sweep"]
     assert row["spread"] == math.inf and row["spread_first_seed"] == pytest.approx(1.0)
     assert row["diverged"] == 1 and row["seeds"] == 3
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_grid_grows_past_an_edge_where_its_best_lies(tmp_path):
+    grid = {0.01: 1.0, 0.0215443: 1.2, 0.0464159: 1.5}  # best at the low edge
+    records = [_record("constant", s, lr, "grid", v) for lr, v in grid.items() for s in (0, 1)]
+    path = _write(tmp_path / "runs.jsonl", records)
+    jobs = edge_jobs(path, ["friedman_mlp"], (0, 1))
+    assert [(j.method, j.seed, j.role) for j in jobs] == [
+        ("constant", 0, "grid"),
+        ("constant", 1, "grid"),
+    ]
+    assert jobs[0].lr == pytest.approx(10 ** (-7 / 3)) and jobs[0].key.endswith("|0.00464159|grid")
+    assert edge_jobs(path, ["friedman_mlp"], (0, 1, 2)) == []  # seed 2's grid has not run
+    records += [_record("constant", s, 0.00464159, "grid", 1.1) for s in (0, 1)]
+    path = _write(path, records)
+    assert edge_jobs(path, ["friedman_mlp"], (0, 1)) == []  # bracketed now
+    row = summarize(path)["tasks"]["friedman_mlp"]
+    assert row["grid_best_lr"] == 0.01 and not row["grid_best_at_edge"] and row["grid_points"] == 4
+    high = [_record("constant", s, lr, "grid", 2.0 - v) for lr, v in grid.items() for s in (0, 1)]
+    (job,) = edge_jobs(_write(path, high), ["friedman_mlp"], (0,))
+    assert job.lr == pytest.approx(0.1)  # best at the high edge: the next point up
+    assert summarize(path)["tasks"]["friedman_mlp"]["grid_best_at_edge"]
+    assert "0.046* " in format_summary(summarize(path))
+
+
+def test_a_run_that_ends_above_its_start_counts_with_its_loss_not_as_diverged(tmp_path):
+    records = [_record("constant", 0, 0.1, "grid", 1.0)]
+    records += [_record("dog", 0, 1.0, "free", 3.0, diverged=True)]  # stalled: finite, flagged
+    records += [_record("prodigy", 0, 1.0, "free", math.inf, diverged=True)]
+    records += [_record("hidlr", 0, 0.01, "default", 1.0)]
+    records[-1]["train_curve"] = [2.0, 9.0, 1.0]  # blew up 4.5x on the way and recovered
+    records[-1]["seconds"], records[0]["seconds"] = 3.0, 2.0
+    summary = summarize(_write(tmp_path / "runs.jsonl", records))
+    methods = summary["tasks"]["friedman_mlp"]["methods"]
+    assert methods["dog"]["ratio"] == 3.0 and (
+        methods["dog"]["diverged"],
+        methods["dog"]["stalled"],
+    ) == (0, 1)
+    assert methods["prodigy"]["ratio"] == math.inf and methods["prodigy"]["diverged"] == 1
+    assert methods["hidlr"]["rise"] == 4.5 and methods["hidlr"]["time_ratio"] == 1.5
+    assert summary["summary"]["all"]["hidlr_largest_rise"] == 4.5
+    text = format_summary(summary)
+    assert "3.000S1" in text and "infD1" in text and "largest training-loss rise 4.5x" in text
+
+
+def test_summary_reports_the_rates_along_the_default_runs(tmp_path):
+    records = [_record("constant", 0, 0.1, "grid", 1.0)]
+    for seed, scale in ((0, 1.0), (1, 4.0)):
+        run = _record("hidlr", seed, 0.01, "default", 1.0)
+        run["lrs"] = [[scale * 0.01 * (i + 1), 0.5] for i in range(9)]  # 9 records
+        records.append(run)
+    row = summarize(_write(tmp_path / "runs.jsonl", records))["tasks"]["friedman_mlp"]
+    info = row["hidlr_rates"]
+    assert info["steps"] == [0, 20, 40, 60, 80]  # records 0, 2, 4, 6, 8 (every 10 steps)
+    # geometric mean over the seeds: 2x the first seed's
+    assert info["rates"][0] == pytest.approx([0.02 * (i + 1) for i in (0, 2, 4, 6, 8)])
+    assert info["rates"][1] == pytest.approx([0.5] * 5)
 
 
 def test_sweep_compares_only_seeds_every_initial_rate_has(tmp_path):

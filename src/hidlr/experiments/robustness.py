@@ -26,7 +26,7 @@ import torch
 
 from hidlr.experiments.results import SettingsMismatch
 from hidlr.experiments.tasks import TASKS
-from hidlr.experiments.training import train_run
+from hidlr.experiments.training import RECORD_EVERY, train_run
 from hidlr.optimizer import HiDLR
 
 __all__ = ["INIT_SWEEP", "Job", "SettingsMismatch", "run_benchmark", "summarize"]
@@ -34,6 +34,7 @@ __all__ = ["INIT_SWEEP", "Job", "SettingsMismatch", "run_benchmark", "summarize"
 logger = logging.getLogger(__name__)
 
 INIT_SWEEP = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+GRID_EXTENSIONS = 3  # points (a decade) a grid may grow past an edge where its best lies
 
 
 def _settings(
@@ -154,13 +155,33 @@ def run_benchmark(
         )
     else:
         config_path.write_text(json.dumps(config, indent=1) + "\n")
-    done = (
-        {json.loads(line)["key"] for line in path.read_text().splitlines()}
-        if path.exists()
-        else set()
-    )
-    todo = [j for j in jobs_for(tasks or list(TASKS), seeds, sweep) if j.key not in done]
-    args = [(j, dict(hidlr_options or {}), probe_batch, steps_scale, schedule) for j in todo]
+    settings = (dict(hidlr_options or {}), probe_batch, steps_scale, schedule)
+    names = list(tasks or TASKS)
+    _execute(path, jobs_for(names, seeds, sweep), settings, workers, progress)
+    for _ in range(GRID_EXTENSIONS):
+        extra = edge_jobs(path, names, seeds)
+        if not extra:
+            break
+        _execute(path, extra, settings, workers, progress)
+    return path
+
+
+def _done(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    return {json.loads(line)["key"] for line in path.read_text().splitlines()}
+
+
+def _execute(
+    path: Path,
+    jobs: Sequence[Job],
+    settings: tuple[dict[str, Any], str, float, str],
+    workers: int,
+    progress: Callable[[int, int, dict[str, Any]], None] | None,
+) -> None:
+    """Run the jobs not yet in ``path``, appending one line per finished run."""
+    done = _done(path)
+    args = [(j, *settings) for j in jobs if j.key not in done]
     with path.open("a") as fh:
         results: Iterable[dict[str, Any]]
         if workers > 1 and len(args) > 1:
@@ -184,7 +205,63 @@ def run_benchmark(
             if pool is not None:
                 pool.close()
                 pool.join()
-    return path
+
+
+def _loss(record: dict[str, Any]) -> float:
+    """A run's validation loss; infinite where it diverged (a loss that is not finite). A run
+    that ended above its initial loss (``stalled``) counts with the loss it reached."""
+    loss = record["val_loss"]
+    return loss if math.isfinite(loss) else math.inf
+
+
+def _stalled(record: dict[str, Any]) -> bool:
+    """Finished with a finite validation loss above its initial one (training flags those
+    runs as diverged too)."""
+    return bool(record["diverged"]) and math.isfinite(record["val_loss"])
+
+
+def _rise(record: dict[str, Any]) -> float:
+    """The largest recorded training loss over the first: how far a run blew up on the way,
+    even where it recovered."""
+    curve = record.get("train_curve") or []
+    if not curve or not all(math.isfinite(v) for v in curve):
+        return math.inf if curve else math.nan
+    return max(curve) / curve[0] if curve[0] > 0 else math.nan
+
+
+def _largest(values: Iterable[float]) -> float:
+    """The largest value that is not NaN (NaN if none is)."""
+    return max((v for v in values if not math.isnan(v)), default=math.nan)
+
+
+def _grid(records: Iterable[dict[str, Any]]) -> dict[float, list[float]]:
+    """One task's grid: validation losses per constant rate (see :func:`_loss`)."""
+    grid: dict[float, list[float]] = {}
+    for r in records:
+        if r["role"] == "grid":
+            grid.setdefault(r["lr"], []).append(_loss(r))
+    return grid
+
+
+def edge_jobs(path: str | Path, tasks: Sequence[str], seeds: Sequence[int]) -> list[Job]:
+    """One more grid point, a third of a decade out, for every task whose grid-best rate is
+    the smallest or largest of its grid so far: a best at the edge may not be the best constant
+    rate, only the best of those tried. Nothing for a task whose grid has not run for every
+    seed yet."""
+    path = Path(path)
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    jobs = []
+    for name in tasks:
+        grid = _grid(r for r in records if r["task"] == name and r["seed"] in seeds)
+        if not grid or any(len(v) < len(seeds) for v in grid.values()):
+            continue
+        best = min(grid, key=lambda lr: _mean(grid[lr]))
+        if not math.isfinite(_mean(grid[best])) or min(grid) < best < max(grid):
+            continue
+        out = -1 if best == min(grid) else 1
+        lr = float(10 ** ((round(3 * math.log10(best)) + out) / 3))
+        jobs += [Job(name, "constant", seed, lr, "grid") for seed in seeds]
+    return jobs
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -209,7 +286,7 @@ def _sweep_row(sweep: list[dict[str, Any]], default: list[dict[str, Any]]) -> di
     initial rate). Spreads are NaN when fewer than two initial rates share a seed."""
     by_lr: dict[float, dict[int, float]] = {}
     for r in sweep:
-        by_lr.setdefault(r["lr"], {})[r["seed"]] = r["val_loss"] if not r["diverged"] else math.inf
+        by_lr.setdefault(r["lr"], {})[r["seed"]] = _loss(r)
     common = sorted(set.intersection(*(set(v) for v in by_lr.values())))
     means = {lr: _mean(v[s] for s in common) for lr, v in by_lr.items()} if common else {}
     return {
@@ -219,10 +296,10 @@ def _sweep_row(sweep: list[dict[str, Any]], default: list[dict[str, Any]]) -> di
         "spread_first_seed": _spread([v[common[0]] for v in by_lr.values()])
         if common
         else math.nan,
-        "seed_spread": _spread([r["val_loss"] if not r["diverged"] else math.inf for r in default])
-        if len(default) >= 2
-        else math.nan,
-        "diverged": sum(r["diverged"] for r in sweep),
+        "seed_spread": _spread([_loss(r) for r in default]) if len(default) >= 2 else math.nan,
+        "diverged": sum(not math.isfinite(_loss(r)) for r in sweep),
+        "stalled": sum(_stalled(r) for r in sweep),
+        "rise": _largest(_rise(r) for r in sweep),
     }
 
 
@@ -233,40 +310,66 @@ def summarize(path: str | Path) -> dict[str, Any]:
     tasks: dict[str, Any] = {}
     for name in dict.fromkeys(r["task"] for r in records):
         rs = [r for r in records if r["task"] == name]
-        grid: dict[float, list[float]] = {}
-        for r in rs:
-            if r["role"] == "grid":
-                grid.setdefault(r["lr"], []).append(
-                    r["val_loss"] if not r["diverged"] else math.inf
-                )
+        grid = _grid(rs)
         best_lr = min(grid, key=lambda lr: _mean(grid[lr]))
         best = _mean(grid[best_lr])
+        grid_seconds = [r["seconds"] for r in rs if r["role"] == "grid"]
         row: dict[str, Any] = {
             "split": TASKS[name].split if name in TASKS else "?",
             "grid_best": best,
             "grid_best_lr": best_lr,
-            "grid_runs": sum(len(v) for v in grid.values()),
-            "grid_seconds": sum(r["seconds"] for r in rs if r["role"] == "grid"),
+            "grid_points": len(grid),
+            "grid_best_at_edge": best_lr in (min(grid), max(grid)),
+            "grid_runs": len(grid_seconds),
+            "grid_seconds": sum(grid_seconds),
             "methods": {},
         }
         for method in (*FREE_METHODS, "gen", "hidlr"):
             mr = [r for r in rs if r["method"] == method and r["role"] in ("free", "default")]
             if not mr:
                 continue
-            losses = [r["val_loss"] if not r["diverged"] else math.inf for r in mr]
+            losses = [_loss(r) for r in mr]
             row["methods"][method] = {
                 "ratio": _mean(losses) / best,
-                "diverged": sum(r["diverged"] for r in mr),
+                "diverged": sum(not math.isfinite(v) for v in losses),
+                "stalled": sum(_stalled(r) for r in mr),
+                "rise": _largest(_rise(r) for r in mr),
                 "runs": len(mr),
                 "seconds": statistics.fmean(r["seconds"] for r in mr),
-                "final_lrs": [r["lrs"][-1] for r in mr if r["lrs"]],
+                # per seed: the rates at the last recorded step (every record_every steps)
+                "last_lrs": [r["lrs"][-1] for r in mr if r["lrs"]],
             }
+            if grid_seconds and statistics.fmean(grid_seconds) > 0:
+                # wall time per run against a constant-rate run of the same task
+                row["methods"][method]["time_ratio"] = row["methods"][method]["seconds"] / (
+                    statistics.fmean(grid_seconds)
+                )
         sweep = [r for r in rs if r["role"] == "sweep"]
+        default = [r for r in rs if r["method"] == "hidlr" and r["role"] == "default"]
         if sweep:
-            default = [r for r in rs if r["method"] == "hidlr" and r["role"] == "default"]
             row["sweep"] = _sweep_row(sweep, default)
+        if any(r["lrs"] for r in default):
+            row["hidlr_rates"] = _rates_over_time(default)
         tasks[name] = row
     return {"tasks": tasks, "summary": _headline(tasks)}
+
+
+RATE_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # fractions of a run at which rates are reported
+
+
+def _rates_over_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Hi-DLR's rates along its default runs: per group, the geometric mean over the seeds of
+    the rate recorded at each fraction of ``RATE_POINTS`` of the run (the nearest record, every
+    ``record_every`` steps), with the steps those records were made at."""
+    runs = [r for r in runs if r["lrs"]]
+    n = min(len(r["lrs"]) for r in runs)
+    at = [round(f * (n - 1)) for f in RATE_POINTS]
+    groups = len(runs[0]["lrs"][0])
+    rates = [
+        [math.exp(statistics.fmean(math.log(r["lrs"][i][k]) for r in runs)) for i in at]
+        for k in range(groups)
+    ]
+    return {"steps": [i * RECORD_EVERY for i in at], "rates": rates}
 
 
 def _headline(tasks: dict[str, Any]) -> dict[str, Any]:
@@ -281,6 +384,11 @@ def _headline(tasks: dict[str, Any]) -> dict[str, Any]:
             "hidlr_within_5pct": sum(h["ratio"] <= 1.05 for h in hid),
             "hidlr_diverged_runs": sum(h["diverged"] for h in hid)
             + sum(r.get("sweep", {}).get("diverged", 0) for r in rows),
+            "hidlr_stalled_runs": sum(h["stalled"] for h in hid)
+            + sum(r.get("sweep", {}).get("stalled", 0) for r in rows),
+            "hidlr_largest_rise": _largest(
+                [h["rise"] for h in hid] + [r["sweep"]["rise"] for r in rows if "sweep" in r]
+            ),
             "swept": sum("sweep" in r for r in rows),
             "sweep_within_10pct": sum(
                 r.get("sweep", {}).get("spread", math.inf) <= 0.10 for r in rows
@@ -299,34 +407,40 @@ def _headline(tasks: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _diverged_mark(count: int) -> str:
-    return f"D{count}" if count else ""
+def _diverged_mark(info: dict[str, Any]) -> str:
+    return (f"D{info['diverged']}" if info["diverged"] else "") + (
+        f"S{info['stalled']}" if info.get("stalled") else ""
+    )
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table: one line per task, then the headline per split. ``sweep`` is the
     spread (max / min - 1) of the mean validation loss over the initial rates, ``seeds`` the
     spread over seeds of the default runs: the noise the sweep's spread is to be read against;
-    ``D<n>`` after a ratio: ``n`` of the method's runs diverged."""
+    ``D<n>`` after a ratio: ``n`` of the method's runs diverged (a loss that is not finite: the
+    run counts as infinite), ``S<n>``: ``n`` ended above their initial validation loss (they count
+    with the loss they reached); ``*`` after the grid-best rate:
+    it is still at an edge of the grid after the grid's extensions; ``time``: Hi-DLR's wall time
+    per run over a constant-rate run's. Then Hi-DLR's rates along its default runs."""
     methods = ("prodigy", "dadaptation", "dog", "gen", "hidlr")
     lines = [
         f"{'task':<20} {'split':<8} {'grid best':>10} {'lr':>8}  "
         + " ".join(f"{m:>12}" for m in methods)
-        + "   sweep   seeds"
+        + "   sweep   seeds   time"
     ]
     for name, row in summary["tasks"].items():
         cells = []
         for m in methods:
             info = row["methods"].get(m)
             cells.append(
-                f"{'-':>12}"
-                if info is None
-                else f"{info['ratio']:>10.3f}{_diverged_mark(info['diverged']):<2}"
+                f"{'-':>12}" if info is None else f"{info['ratio']:>10.3f}{_diverged_mark(info):<2}"
             )
         sweep = row.get("sweep", {}).get("spread")
         seeds = row.get("sweep", {}).get("seed_spread", math.nan)
+        edge = "*" if row.get("grid_best_at_edge") else " "
+        time = row["methods"].get("hidlr", {}).get("time_ratio", math.nan)
         lines.append(
-            f"{name:<20} {row['split']:<8} {row['grid_best']:>10.4g} {row['grid_best_lr']:>8.2g}  "
+            f"{name:<20} {row['split']:<8} {row['grid_best']:>10.4g} {row['grid_best_lr']:>8.2g}{edge} "
             + " ".join(cells)
             + (
                 f"   {sweep * 100:5.1f}%"
@@ -342,6 +456,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                 if seeds == math.inf
                 else ""
             )
+            + (f"  {time:5.2f}x" if math.isfinite(time) else "")
         )
     for split, e in summary["summary"].items():
         swept = e.get("swept", e["tasks"])
@@ -353,7 +468,24 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
         lines.append(
             f"[{split}] Hi-DLR within 5% of grid-best on {e['hidlr_within_5pct']}/{e['tasks']} tasks; "
-            f"diverged runs {e['hidlr_diverged_runs']}; {sweep}; beats Prodigy {e['hidlr_beats_prodigy']}, "
+            f"diverged runs {e['hidlr_diverged_runs']}, ended above the initial loss "
+            f"{e['hidlr_stalled_runs']}, largest training-loss rise {e['hidlr_largest_rise']:.3g}x; "
+            f"{sweep}; beats Prodigy {e['hidlr_beats_prodigy']}, "
             f"D-Adaptation {e['hidlr_beats_dadaptation']}, DoG {e['hidlr_beats_dog']}, GeN {e['hidlr_beats_gen']}"
         )
+    rated = {n: r for n, r in summary["tasks"].items() if "hidlr_rates" in r}
+    if rated:
+        lines.append(
+            "\nHi-DLR's rates along its default runs (geometric mean over seeds), per group, "
+            "after the first step, at 25%, 50% and 75% of the run and at its last record; "
+            "then the grid-best constant rate"
+        )
+        for name, row in rated.items():
+            info = row["hidlr_rates"]
+            for k, rates in enumerate(info["rates"]):
+                lines.append(
+                    f"{name if k == 0 else '':<20} g{k:<3}"
+                    + " ".join(f"{v:>9.3g}" for v in rates)
+                    + (f"   {row['grid_best_lr']:>8.2g}" if k == 0 else "")
+                )
     return "\n".join(lines)

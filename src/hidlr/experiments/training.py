@@ -91,6 +91,9 @@ def build_method(
     return build(method, groups, **config)
 
 
+RECORD_EVERY = 10  # steps between two records of the training loss and the rates
+
+
 def train_run(
     task: Task,
     seed: int,
@@ -100,7 +103,7 @@ def train_run(
     hidlr_options: dict[str, Any] | None = None,
     probe_batch: str = "next",
     steps: int | None = None,
-    record_every: int = 10,
+    record_every: int = RECORD_EVERY,
     schedule: str = "constant",
 ) -> RunResult:
     """Train ``task`` with registry method ``method`` from rate ``lr`` and evaluate it.
