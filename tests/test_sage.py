@@ -147,6 +147,8 @@ def test_default_sensitivity_bias_correction_follows_the_authors() -> None:
         p.grad = torch.tensor([0.5, 0.25], dtype=DT)
         opt.step()
         change = (p.detach() - torch.tensor([2.0, -1.0], dtype=DT)).abs().max().item()
+        # corrected: the first scale is exactly 0 (no weight decay by default): no move at all
+        assert moved or change == 0.0, (variant, change)
         assert (change > 0.1) is moved, (variant, change)
 
 
@@ -364,6 +366,17 @@ def test_zero_entries_are_frozen_by_sage_but_not_by_the_plain_step() -> None:
         opt.step()
     assert p[0].item() == 0.0
     assert q[0].item() != 0.0
+
+
+@pytest.mark.parametrize("variant", ["adamw", "adamax"])
+def test_zero_entries_stay_put_in_float16(variant: str) -> None:
+    # eps**2 = 1e-16 underflows to 0 in float16: the scale of a zero entry was 0 / 0 = NaN
+    p = torch.tensor([0.0, 1.0], dtype=torch.float16, requires_grad=True)
+    opt = SAGE([p], lr=1e-2, variant=variant, sensitivity_bias_correction=False)
+    for _ in range(3):
+        p.grad = torch.tensor([0.5, 0.5], dtype=torch.float16)
+        opt.step()
+    assert p[0].item() == 0.0 and math.isfinite(p[1].item()) and p[1].item() < 1.0
 
 
 def test_sage_param_groups_split_and_skip_frozen() -> None:

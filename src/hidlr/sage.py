@@ -298,7 +298,10 @@ class SAGE(torch.optim.Optimizer):
         sensitivity = torch.mul(p, grad).abs_()
         avg.mul_(beta3).add_(sensitivity, alpha=1 - beta3)
         avg_hat = avg / (1 - beta3**step) if correct else avg
-        return sensitivity.sub_(avg_hat).abs_().div_(avg_hat + eps**2)
+        denominator = avg_hat + eps**2
+        # where the average is 0 (eps**2 underflows in float16), the entry does not move
+        scale = sensitivity.sub_(avg_hat).abs_().div_(denominator)
+        return torch.where(denominator > 0, scale, torch.zeros((), dtype=scale.dtype))
 
 
 def sage_param_groups(

@@ -140,10 +140,24 @@ class MethodConfig:
         check_float("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         check_float("free_lr", self.free_lr, low=0.0, low_open=True)
         check_float("loraplus_lr_ratio", self.loraplus_lr_ratio, low=0.0, low_open=True)
+        betas = self.betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair of floats in [0, 1), got {betas!r}")
+        for i, beta in enumerate(betas):
+            check_float(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
+        if self.lrs is not None:
+            if isinstance(self.lrs, (str, bytes)) or not isinstance(self.lrs, Sequence):
+                raise TypeError(f"lrs must be a sequence of floats > 0, got {self.lrs!r}")
+            for i, lr in enumerate(self.lrs):
+                check_float(f"lrs[{i}]", lr, low=0.0, low_open=True)
 
 
 def lr_multiplier(step: int, *, schedule: str, total_steps: int, warmup_steps: int = 0) -> float:
     """Factor on the peak rate at 0-based ``step``: linear warm-up, then the decay to 0."""
+    check_int("step", step, minimum=0)
+    check_choice("schedule", schedule, SCHEDULES)
+    check_int("total_steps", total_steps, minimum=1)
+    check_int("warmup_steps", warmup_steps, minimum=0)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -167,6 +181,11 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: MethodConfig, schedule: str) -> 
 
 def as_param_groups(params: nn.Module | Iterable[Any]) -> list[dict[str, Any]]:
     """Copies of the param groups (the caller's dicts are left as they were)."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "params must be an iterable of tensors or param-group dicts, or a module, got a "
+            f"{type(params).__name__}: wrap a single tensor in a list"
+        )
     if isinstance(params, nn.Module):
         groups = [
             {"name": n, "params": [p]} for n, p in params.named_parameters() if p.requires_grad

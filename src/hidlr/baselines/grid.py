@@ -62,6 +62,10 @@ def _check_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
         vals = [check_float(f"grid[{name!r}]", v) for v in values]
         if not vals or len(set(vals)) != len(vals):
             raise ValueError(f"grid[{name!r}] must be distinct finite floats, got {values!r}")
+        if str(name) in out:
+            raise ValueError(
+                f"grid names must be distinct as strings, got {name!r} twice (with {list(grid)})"
+            )
         out[str(name)] = vals
     return out
 
@@ -146,6 +150,9 @@ def mantissa_grid(
 
 def per_group_grid(names: Sequence[str], values: Sequence[float]) -> dict[str, tuple[float, ...]]:
     """The same rate grid for every group, keyed ``lr_<name>`` (len(values)**len(names) runs)."""
+    names = list(names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"names must be distinct, got {names!r}")
     return {f"lr_{n}": tuple(values) for n in names}
 
 

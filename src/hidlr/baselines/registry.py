@@ -136,6 +136,8 @@ def _prodigy(groups: list[dict[str, Any]], cfg: MethodConfig) -> Built:
         betas=cfg.betas,
         weight_decay=cfg.weight_decay,
         decouple=cfg.base == "adamw",
+        # prodigyopt's advice with a warm-up: otherwise the small early steps inflate its d
+        safeguard_warmup=cfg.warmup_steps > 0,
     )
     return Built("prodigy", opt, _scheduler(opt, cfg, cfg.schedule))
 
