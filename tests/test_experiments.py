@@ -187,6 +187,22 @@ def test_fashion_two_group_variants_build(role):
     assert out["groups"] == [role, "rest"] and len(out["final_lrs"]) == 2
 
 
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_small_cnn_without_conv_biases_has_no_parameter_the_training_loss_ignores(conv_bias):
+    # a conv bias right before BatchNorm is cancelled in training mode: its gradient is
+    # rounding noise, which Adam turns into full-size steps (the image experiment's models
+    # leave those biases out)
+    from hidlr.experiments.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(5, conv_bias=conv_bias)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 5, (32,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    scale = max(p.grad.abs().max().item() for p in model.parameters())
+    ignored = [n for n, p in model.named_parameters() if p.grad.abs().max().item() < 1e-4 * scale]
+    assert ignored == (["body.0.bias", "body.4.bias"] if conv_bias else [])
+
+
 def test_finetune_methods_train_what_they_claim():
     spec = tiny(
         RunSpec(

@@ -98,7 +98,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
     torch.set_num_threads(1)
     data = fashion_mnist()
     torch.manual_seed(spec.seed)
-    model = SmallCNN(5)
+    # no conv biases before BatchNorm (as in the paper's ResNets): see SmallCNN
+    model = SmallCNN(5, conv_bias=False)
     x, y = _subset(data, range(0, 5), 12000, spec.seed, "train")
     pre = build(
         "constant",

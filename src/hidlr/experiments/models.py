@@ -102,16 +102,21 @@ class LoRALinear(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Two conv-BatchNorm-ReLU blocks, global average pooling and a linear head."""
+    """Two conv-BatchNorm-ReLU blocks, global average pooling and a linear head.
 
-    def __init__(self, n_classes: int, channels: int = 16) -> None:
+    ``conv_bias=False`` leaves out the convolutions' biases, which the BatchNorm right after
+    each one cancels in training mode (as torchvision's ResNets do): the training loss does
+    not depend on them, so an Adam-type optimizer moves them by its rate on gradient noise
+    alone, and the running statistics that evaluation uses fall behind them."""
+
+    def __init__(self, n_classes: int, channels: int = 16, *, conv_bias: bool = True) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1),
+            nn.Conv2d(1, channels, 3, padding=1, bias=conv_bias),
             nn.BatchNorm2d(channels),
             nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(channels, 2 * channels, 3, padding=1),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1, bias=conv_bias),
             nn.BatchNorm2d(2 * channels),
             nn.ReLU(),
             nn.AdaptiveAvgPool2d(1),

@@ -15,8 +15,8 @@ with one param group per group of a grouping function (default: :func:`hidlr.by_
   (:func:`hidlr.probe_subset`). By default (``probe_batch="next"``) the probes see the
   micro-batches of the *next* optimizer step, which the trainer loads one step ahead: rates
   fitted on the batch the step was made for are systematically too long (the README's
-  robustness benchmark: next batch 9/12 tasks within 5% of the grid-best rate, previous 6/12,
-  own 5/12). The last step of an epoch, which has no next one, probes the previous step's.
+  robustness benchmark: next batch 9/12 tasks within 5% of the grid-best rate, previous 5/12,
+  own 4/12). The last step of an epoch, which has no next one, probes the previous step's.
   ``probe_batch="previous"`` probes the previous step's micro-batches (the first step its
   own; checkpoints keep them, in ``optimizer.pt``), ``"same"`` the step's own.
 * **Gradient clipping** happens in the Trainer before the step; Hi-DLR's direction is the
