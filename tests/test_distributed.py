@@ -89,12 +89,29 @@ def _worker(rank: int, port: int, out: str, scenario: str) -> None:
             result = _scenario_fail(rank, exit_on_failure=False)
         elif scenario == "crash":
             result = _scenario_fail(rank, exit_on_failure=True)
+        elif scenario == "nonmember":
+            result = _scenario_nonmember(rank)
     except BaseException as exc:
         result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     if scenario == "train":
         dist.destroy_process_group()
     os._exit(0)  # after a failure the process group cannot be shut down cleanly
+
+
+def _scenario_nonmember(rank: int) -> dict:
+    group = dist.new_group([0])  # rank 1 is not a member
+    if rank == 0:
+        return {}
+    model = _model()
+    opt = DistributedHiDLR(torch.optim.SGD(model.parameters(), lr=0.1), process_group=group)
+    x = torch.ones(2, 6, dtype=F64)
+    model(x).sum().backward()
+    try:
+        opt.step(lambda: model(x).sum())
+    except Exception as exc:
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {}
 
 
 def _scenario_train(rank: int) -> dict:
@@ -236,6 +253,41 @@ def test_crashed_rank_is_noticed(tmp_path):
     assert rank0["elapsed"] < 3.0  # a dead peer is noticed at once (connection reset)
 
 
+def test_a_rank_outside_the_process_group_is_told_so(tmp_path):
+    _, rank1 = _spawn("nonmember", tmp_path)
+    assert rank1.get("raised") == "ProbeSyncError", rank1
+    assert "not a member of DistributedHiDLR's process group" in rank1["message"]
+
+
+def _raise_from(module: str, inner: str) -> BaseException:
+    """An exception raised in a frame of module ``inner``, called from one of ``module``."""
+    inner_globals = {"__name__": inner}
+    exec("def inner():\n    raise RuntimeError('boom')\n", inner_globals)
+    outer_globals = {"__name__": module, "inner": inner_globals["inner"]}
+    exec("def outer():\n    inner()\n", outer_globals)
+    try:
+        outer_globals["outer"]()
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("did not raise")
+
+
+def test_only_the_frame_that_raised_decides_whether_a_collective_failed():
+    from hidlr.integrations.distributed import _raised_in_collective
+
+    # the model's own error, on its way through activation checkpointing or DTensor code
+    wrapper = "torch.distributed.algorithms._checkpoint.checkpoint_wrapper"
+    assert not _raised_in_collective(_raise_from(wrapper, "torch.nn.modules.linear"))
+    assert not _raised_in_collective(_raise_from("torch.distributed.tensor._ops", "my_model"))
+    # a collective that lost its peer or timed out (gloo: a plain RuntimeError)
+    c10d = "torch.distributed.distributed_c10d"
+    assert _raised_in_collective(
+        _raise_from("torch.distributed.fsdp._fully_shard._fsdp_state", c10d)
+    )
+    fsdp = "torch.distributed.fsdp._fully_shard._fsdp_collectives"
+    assert _raised_in_collective(_raise_from("my_model", fsdp))
+
+
 def test_needs_a_process_group():
     model = _model()
     opt = DistributedHiDLR(torch.optim.SGD(model.parameters(), lr=0.1))
@@ -251,6 +303,9 @@ def test_options_checked_and_state_round_trips():
     with pytest.raises(ValueError, match="timeout"):
         DistributedHiDLR(torch.optim.SGD(_model().parameters(), lr=0.1), timeout=-1)
     opt = DistributedHiDLR(torch.optim.SGD(_model().parameters(), lr=0.1), timeout=5)
+    opt.param_groups[0]["hidlr_lr"], opt._steps, opt._coupling = 0.37, 3, 0.5  # as if trained
     other = DistributedHiDLR(torch.optim.SGD(_model().parameters(), lr=0.1))
+    assert other.state_dict()["hidlr"] != opt.state_dict()["hidlr"]
     other.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert other.state_dict()["hidlr"] == opt.state_dict()["hidlr"]
+    assert other.lrs == [0.37] and other.steps == 3

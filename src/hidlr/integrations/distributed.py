@@ -104,17 +104,23 @@ def _fsdp_module_class() -> type | None:
 
 
 def _raised_in_collective(exc: BaseException) -> bool:
-    """Whether ``exc`` comes from ``torch.distributed`` (a collective of the forward, such as
-    FSDP's all-gather, that timed out or lost its peer) rather than from the model or loss.
-    gloo reports such failures as plain ``RuntimeError``s: where they were raised tells."""
+    """Whether ``exc`` comes from a collective of the forward (such as FSDP's all-gather) that
+    timed out or lost its peer, rather than from the model or loss. gloo reports such failures
+    as plain ``RuntimeError``s: the frame that raised tells. Only that innermost frame counts:
+    a model's own error often passes through other ``torch.distributed`` code on its way
+    (activation checkpointing's wrapper, DTensor's sharding rules) and stays the model's."""
     if isinstance(exc, dist.DistError):
         return True
     tb = exc.__traceback__
-    while tb is not None:
-        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("torch.distributed."):
-            return True
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
         tb = tb.tb_next
-    return False
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    last = module.rpartition(".")[2]
+    return module.startswith("torch.distributed.") and (
+        last == "distributed_c10d" or "collectives" in last
+    )
 
 
 class _FreshShards:
@@ -231,6 +237,8 @@ class DistributedHiDLR(HiDLR):
                 "(torch.distributed.init_process_group) before its first probe step"
             )
         group = self.process_group
+        if group is not None and dist.get_rank(group) < 0:
+            raise ProbeSyncError("this rank is not a member of DistributedHiDLR's process group")
         if dist.get_backend(group) != "nccl":
             values = values.cpu()
         elif (
@@ -240,10 +248,6 @@ class DistributedHiDLR(HiDLR):
         buf = values.contiguous().clone()
         try:
             work = dist.all_reduce(buf, op=op, group=group, async_op=True)
-            if work is None:  # not a member of the group: nothing to wait for
-                raise ProbeSyncError(
-                    "this rank is not a member of DistributedHiDLR's process group"
-                )
             if self.timeout is None:
                 work.wait()
             else:
