@@ -642,7 +642,8 @@ def test_stalled_growth_respects_max_rate_change_and_old_checkpoints():
     state = opt.state_dict()
     del state["base"]["param_groups"][0]["hidlr_peak_lr"]
     fresh = hidlr.HiDLR(torch.optim.SGD([w2], lr=0.1), update_every=1)
-    fresh.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"max_rate_change=1.2 \(was None\)"):
+        fresh.load_state_dict(state)
     rec = _stall(fresh, w2, 1)[-1]
     assert (rec.reason, rec.action) == ("stalled", "grow")
     assert rec.lr_after == pytest.approx(1.2 * rec.lr_before)
@@ -1297,3 +1298,117 @@ def test_group_names_are_distinct_for_logs():
     groups += [{"params": [ps[2]], "name": "x"}, {"params": [ps[3]], "name": "x"}]
     names = group_names(hidlr.HiDLR(torch.optim.SGD(groups, lr=0.1)))
     assert names == ["group1", "group1_1", "group2", "group3"] and len(set(names)) == 4
+
+
+# -- found by review (session 7): hooks, base checkpoints, options, compile ------------------
+
+
+def _tiny():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(F64)
+    x = torch.randn(16, 3, dtype=F64)
+    y = x[:, :1].sin()
+    loss = lambda: nn.functional.mse_loss(model(x), y)  # noqa: E731
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+    return model, loss, groups
+
+
+def _train(opt, loss, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step(loss)
+
+
+def test_state_dict_hooks_on_the_wrapper_run_as_torchs_do():
+    _, loss, groups = _tiny()
+    opt = hidlr.HiDLR(torch.optim.SGD(groups, lr=0.05), update_every=1)
+    _train(opt, loss, 2)
+    fired = []
+    opt.register_state_dict_pre_hook(lambda o: fired.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})  # may replace it
+    opt.register_load_state_dict_pre_hook(
+        lambda o, sd: {k: v for k, v in sd.items() if k != "extra"}
+    )
+    opt.register_load_state_dict_post_hook(lambda o: fired.append("loaded"))
+    state = opt.state_dict()
+    assert fired == ["pre"] and state["extra"] == 1
+    opt.load_state_dict(state)  # the pre-hook takes the extra key out again
+    assert fired == ["pre", "loaded"]
+
+
+def test_copies_and_pickles_drop_the_hooks_as_torchs_optimizers_do():
+    _, loss, groups = _tiny()
+    opt = hidlr.HiDLR(torch.optim.SGD(groups, lr=0.05), update_every=1)
+    calls = []
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(1))  # a lambda: unpicklable
+    _train(opt, loss, 1)
+    copied = pickle.loads(pickle.dumps(opt))
+    deep = copy.deepcopy(opt)
+    assert calls == [1] and not copied._optimizer_step_post_hooks
+    assert not deep._optimizer_step_post_hooks and deep.lrs == opt.lrs
+
+
+def test_a_checkpoint_of_the_base_optimizer_loads_into_it():
+    _, pre_loss, pre_groups = _tiny()
+    plain = torch.optim.Adam(pre_groups, lr=0.02)
+    plain.zero_grad()
+    pre_loss().backward()
+    plain.step()
+    model, loss, groups = _tiny()
+    opt = hidlr.HiDLR(torch.optim.Adam(groups, lr=0.01), update_every=1)
+    opt.optimizer.load_state_dict(plain.state_dict())  # e.g. a pre-training checkpoint
+    assert opt.lrs == [0.02, 0.02]  # Hi-DLR starts afresh from the checkpoint's rates
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(opt, loss, 2)
+    assert len(opt.history) == 2 and opt.lrs != [0.02, 0.02]
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_loading_a_checkpoint_with_other_options_says_which():
+    _, loss, groups = _tiny()
+    saved = hidlr.HiDLR(torch.optim.SGD(groups, lr=0.05), update_every=3)
+    _train(saved, loss, 1)
+    opt = hidlr.HiDLR(torch.optim.SGD(_tiny()[2], lr=0.05), update_every=10, policy="paper")
+    with pytest.warns(
+        UserWarning, match=r"policy='robust' \(was 'paper'\).*update_every=3 \(was 10\)"
+    ):
+        opt.load_state_dict(saved.state_dict())
+    assert opt.options["update_every"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(saved.state_dict())  # the same options: no warning
+
+
+def test_maximize_and_meta_parameters_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['maximize'\] must be False"):
+        hidlr.HiDLR(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1, maximize=True))
+    with pytest.raises(
+        ValueError, match=r"param_groups\[0\]\['params'\]\[1\] is on the meta device"
+    ):
+        hidlr.HiDLR(
+            torch.optim.SGD(
+                [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))], lr=0.1
+            )
+        )
+
+
+def test_compiled_model_with_many_module_classes_does_not_recompile_the_guard():
+    """The buffer guard's hook is not traced: traced, it recompiled once per module class
+    it ran for, up to dynamo's limit."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    acts = [nn.Tanh(), nn.ReLU(), nn.GELU(), nn.SiLU(), nn.ELU(), nn.Sigmoid()]
+    model = nn.Sequential(
+        nn.Linear(4, 8), *[m for a in acts for m in (nn.Linear(8, 8), a)], nn.Linear(8, 1)
+    )
+    forward = torch.compile(model, backend="eager")
+    opt = hidlr.HiDLR(torch.optim.AdamW(model.parameters(), lr=1e-2), update_every=2)
+    x = torch.randn(16, 4)
+    y = x.sum(1, keepdim=True)
+    with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.mse_loss(forward(x), y).backward()
+            opt.step(lambda: nn.functional.mse_loss(forward(x), y))
+    assert len(opt.history) == 2

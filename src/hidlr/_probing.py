@@ -302,15 +302,10 @@ class BufferGuard:
 _ACTIVE_GUARD: BufferGuard | None = None  # the guard of the probe in progress
 
 
-def _guard_hook(module: nn.Module, args: object) -> None:
-    if torch.compiler.is_compiling():
-        _cover_outside_the_graph(module)  # a graph break: runs as plain Python
-    elif _ACTIVE_GUARD is not None:
-        _ACTIVE_GUARD.cover(module)
-
-
 @torch.compiler.disable
-def _cover_outside_the_graph(module: nn.Module) -> None:
+def _guard_hook(module: nn.Module, args: object) -> None:
+    # not traced under torch.compile (a graph break: plain Python), so no guard on the module
+    # it runs for: tracing it recompiled once per module class, up to dynamo's limit
     if _ACTIVE_GUARD is not None:
         _ACTIVE_GUARD.cover(module)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -136,9 +138,10 @@ class HiDLR(Optimizer):
             Not with :class:`~hidlr.integrations.distributed.DistributedHiDLR`.
 
     Learning-rate schedulers: attach them to this optimizer (or the base one; they share
-    param groups). A group's rate used at a step is ``lrs[k] * lr / initial_lr``: the
-    scheduler's factor times the adapted rate, so a warm-up or decay shapes whatever rate
-    Hi-DLR finds. The probes are placed at multiples of the adapted rate itself, so they keep
+    param groups). A group's rate used at a step is ``lrs[k] * lr / ref``: the scheduler's
+    factor times the adapted rate, ``ref`` being the group's ``lr`` when Hi-DLR was built (its
+    ``initial_lr`` if a scheduler was attached first), so a warm-up or decay shapes whatever
+    rate Hi-DLR finds. The probes are placed at multiples of the adapted rate itself, so they keep
     a useful size while the schedule is small.
 
     The closure passed to :meth:`step` returns the loss at the current weights and must not
@@ -208,12 +211,8 @@ class HiDLR(Optimizer):
             "defer_probes": check_bool("defer_probes", defer_probes),
         }
         self.defaults = optimizer.defaults
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        for name in _HOOKS:
+            setattr(self, name, OrderedDict())
         self._patch_step_function()
         self._steps = 0
         self._coupling = 1.0
@@ -225,6 +224,7 @@ class HiDLR(Optimizer):
         )
         for i, group in enumerate(self.param_groups):
             self._init_group(i, group)
+        self._watch_base()
 
     # -- the torch.optim.Optimizer surface -------------------------------------------------
 
@@ -247,14 +247,24 @@ class HiDLR(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         # an LR scheduler wraps ``step`` on the instance, with a weak reference to this object:
-        # a copy must not carry it (torch's own optimizers drop it the same way)
+        # a copy must not carry it, nor the hooks (torch's own optimizers drop them the same way)
         state.pop("step", None)
         state.pop("_opt_called", None)
+        for name in _HOOKS:
+            state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        for name in _HOOKS:
+            setattr(self, name, OrderedDict())
         self._patch_step_function()
+        self._watch_base()
+
+    def _watch_base(self) -> None:
+        """A state dict loaded into the base optimizer itself (a plain checkpoint of it) brings
+        param groups without Hi-DLR's keys: they start afresh from its rates."""
+        self.optimizer.register_load_state_dict_post_hook(_BaseLoaded(self))
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -275,8 +285,11 @@ class HiDLR(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict (adapted rates live in its param groups) plus
-        Hi-DLR's step count, options and history."""
-        return {
+        Hi-DLR's step count, options and history. State-dict hooks registered on this
+        optimizer run around it, as torch's do."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = {
             "base": self.optimizer.state_dict(),
             "hidlr": {
                 "steps": self._steps,
@@ -288,6 +301,11 @@ class HiDLR(Optimizer):
                 "pending": self._pending_state(),
             },
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def _pending_state(self) -> dict[str, Any] | None:
         """A deferred probe step as plain data: positions of its parameters in the param groups
@@ -310,6 +328,13 @@ class HiDLR(Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Restore a :meth:`state_dict`, the options included: as torch's optimizers take
+        their hyperparameters from a checkpoint, the checkpoint's Hi-DLR options replace the
+        constructor's (a warning names those that differ)."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "hidlr"}:
             raise ValueError(
                 "state_dict must be a dict with keys 'base' and 'hidlr' (from HiDLR.state_dict()), "
@@ -318,6 +343,17 @@ class HiDLR(Optimizer):
         saved = state_dict["hidlr"]
         options = dict(saved["options"])
         options["probe_multipliers"] = check_multipliers(options["probe_multipliers"])
+        changed = sorted(
+            k for k in options.keys() | self.options.keys() if options.get(k) != self.options.get(k)
+        )
+        if changed:
+            warnings.warn(
+                "the checkpoint's Hi-DLR options replace the constructor's: "
+                + ", ".join(
+                    f"{k}={options.get(k)!r} (was {self.options.get(k)!r})" for k in changed
+                ),
+                stacklevel=2,
+            )
         live = [(g["hidlr_frozen"], g.get("hidlr_requires_grad")) for g in self.param_groups]
         self.optimizer.load_state_dict(state_dict["base"])
         self.options = options
@@ -350,6 +386,8 @@ class HiDLR(Optimizer):
                     p.requires_grad_(False)
             elif was_frozen:  # a checkpoint from before a freeze: the group trains again
                 _restore_requires_grad(group["params"], flags)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # -- what users read -------------------------------------------------------------------
 
@@ -434,6 +472,17 @@ class HiDLR(Optimizer):
                 raise ValueError(
                     f"param_groups[{index}]['{name}'] must be a finite float {bound} for Hi-DLR "
                     f"to probe, got {lr!r}"
+                )
+        if group.get("maximize", False):
+            raise ValueError(
+                f"param_groups[{index}]['maximize'] must be False for Hi-DLR, got True: it "
+                "fits the closure's loss as a function to minimise; negate the objective instead"
+            )
+        for j, p in enumerate(group["params"]):
+            if p.is_meta:
+                raise ValueError(
+                    f"param_groups[{index}]['params'][{j}] is on the meta device: Hi-DLR needs "
+                    "parameters with data (materialise them, e.g. with to_empty, before wrapping)"
                 )
         dtensor = _dtensor_class()
         if (
@@ -809,6 +858,33 @@ class HiDLR(Optimizer):
             logger.info(
                 "hidlr: froze group %d at step %d (influence share %.3g)", k, step, shares[k]
             )
+
+
+_HOOKS = tuple(
+    f"_optimizer_{kind}_hooks"
+    for kind in (
+        "step_pre",
+        "step_post",
+        "state_dict_pre",
+        "state_dict_post",
+        "load_state_dict_pre",
+        "load_state_dict_post",
+    )
+)
+
+
+class _BaseLoaded:
+    """The base optimizer's load-state-dict post-hook (see :meth:`HiDLR._watch_base`); a
+    class holding a weak reference, so that neither keeps the other alive or unpicklable."""
+
+    def __init__(self, owner: HiDLR) -> None:
+        self.owner = weakref.ref(owner)
+
+    def __call__(self, optimizer: Optimizer) -> None:
+        owner = self.owner()
+        if owner is not None and owner.optimizer is optimizer:
+            for i, group in enumerate(optimizer.param_groups):
+                owner._init_group(i, group)
 
 
 def _idle_reason(group: dict[str, Any], stalled: bool) -> str:
