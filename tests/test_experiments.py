@@ -90,15 +90,21 @@ def test_experiment_runs_end_to_end_at_a_tiny_size(name, tmp_path):
     assert (tmp_path / f"{name}.png").exists()
 
 
-def stored(experiment, method, seed, value, grid=None):
+def stored(experiment, method, seed, value, grid=None, val=None, **config):
     return {
         "run": {
             "experiment": experiment,
             "method": method,
             "seed": seed,
-            "config": {"lr": 0.1, **({"grid": grid} if grid else {})},
+            "config": {"lr": 0.1, **({"grid": grid} if grid else {}), **config},
         },
-        "train": {"test_loss": value, "test_curve": [value], "seconds": 1.0, "diverged": False},
+        "train": {
+            "test_loss": value,
+            "test_curve": [value],
+            "val_curve": [value if val is None else val],
+            "seconds": 1.0,
+            "diverged": False,
+        },
         "meta": {"wall_seconds": 1.0, "torch": "x", "hidlr": "y", "git": "z"},
     }
 
@@ -124,6 +130,64 @@ def test_report_is_built_from_stored_result_files(tmp_path):
         "| no |" in build_report(tmp_path).read_text()
         or "| partly |" in build_report(tmp_path).read_text()
     )
+
+
+def test_a_grid_point_is_picked_on_validation_and_reported_on_test(tmp_path):
+    folder = tmp_path / "nam_synthetic"
+    folder.mkdir()
+    records = [
+        stored("nam_synthetic", "constant_grid_a", 0, 2.0, "constant", val=3.0),
+        stored("nam_synthetic", "constant_grid_b", 0, 3.0, "constant", val=1.0),
+        stored("nam_synthetic", "hi_dlr", 0, 2.5),
+    ]
+    for i, r in enumerate(records):
+        (folder / f"r{i}.json").write_text(json.dumps(r))
+    summary = summarize_experiment(load_results(tmp_path), "test_auc", False, "val_auc")
+    assert summary["ULR (grid)"]["mean"] == 3.0  # b: best on validation, worse on test
+    assert "hi_dlr 2.5 vs ULR (grid) 3 | yes |" in build_report(tmp_path).read_text()
+
+
+def test_one_run_at_the_papers_rate_is_not_called_a_grid(tmp_path):
+    folder = tmp_path / "moe"
+    folder.mkdir()
+    records = [
+        stored("moe", "ulr", 0, 0.8, "constant", paper_rate=True),
+        stored("moe", "hi_dlr", 0, 0.9),
+    ]
+    for i, r in enumerate(records):
+        r["train"]["test_accuracy"] = r["train"]["test_loss"]
+        (folder / f"r{i}.json").write_text(json.dumps(r))
+    summary = summarize_experiment(load_results(tmp_path), "test_accuracy", True)
+    assert set(summary) == {"ULR (paper's rate)", "hi_dlr"}
+    text = build_report(tmp_path).read_text()
+    assert "hi_dlr 0.9 vs ULR (paper's rate) 0.8 | yes |" in text
+
+
+def test_the_shared_loop_holds_out_a_validation_split():
+    from hidlr.experiments.loop import fit
+
+    torch.manual_seed(0)
+    x, xt = torch.randn(100, 3), torch.randn(20, 3)
+    data = {"x": x, "y": x.sum(1, keepdim=True), "x_test": xt, "y_test": xt.sum(1, keepdim=True)}
+    model = torch.nn.Linear(3, 1)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    cfg = {"base": "sgd", "epochs": 2, "batch_size": 40, "lr": 0.1, "val_fraction": 0.2}
+    out = fit(
+        model,
+        [{"params": list(model.parameters())}],
+        "constant",
+        cfg,
+        data,
+        torch.nn.functional.mse_loss,
+    )
+    assert len(out["val_curve"]) == 2 and out["steps"] == 4  # 80 training rows: 2 batches of 40
+    assert 100 not in seen and 80 in seen and 20 in seen  # the full train set, test and validation
+    held = x[80:]
+    with torch.no_grad():
+        assert out["val_curve"][-1] == pytest.approx(
+            torch.nn.functional.mse_loss(model(held), held.sum(1, keepdim=True)).item()
+        )
 
 
 def test_report_needs_result_files_and_skips_other_json(tmp_path):

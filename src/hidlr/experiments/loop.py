@@ -63,11 +63,16 @@ def fit(
     loss_fn: Callable[..., torch.Tensor],
 ) -> dict[str, Any]:
     x, y, xt, yt = data["x"], data["y"], data["x_test"], data["y_test"]
+    # a validation split (the last ``val_fraction`` of the training data, never trained on)
+    # for choosing a grid's point: the test split only reports
+    held = round(x.shape[0] * cfg.get("val_fraction", 0.0))
+    xv, yv = x[x.shape[0] - held :], y[x.shape[0] - held :]
+    x, y = x[: x.shape[0] - held], y[: x.shape[0] - held]
     torch.set_num_threads(1)
     opt = _optimizer(method, groups, cfg)
     gen = torch.Generator().manual_seed(cfg.get("batch_seed", 0))
     n, bs = x.shape[0], cfg.get("batch_size", x.shape[0])
-    train_curve, test_curve, lrs = [], [], []
+    train_curve, test_curve, val_curve, lrs = [], [], [], []
     start = time.perf_counter()
     step = 0
     for _epoch in range(cfg["epochs"]):
@@ -90,6 +95,8 @@ def fit(
         with torch.no_grad():
             train_curve.append(loss_fn(model(x), y).item())
             test_curve.append(loss_fn(model(xt), yt).item())
+            if held:
+                val_curve.append(loss_fn(model(xv), yv).item())
         if isinstance(opt, HiDLR):
             lrs.append(opt.lrs)
         if not math.isfinite(train_curve[-1]):
@@ -99,6 +106,7 @@ def fit(
         "test_loss": test_curve[-1],
         "train_curve": train_curve,
         "test_curve": test_curve,
+        "val_curve": val_curve,
         "lrs": lrs,
         "steps": step,
         "seconds": time.perf_counter() - start,

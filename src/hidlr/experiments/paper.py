@@ -79,6 +79,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             synthetic.lora_specs,
             synthetic.lora_run,
             "test_auc",
+            select_by="val_auc",
         ),
         Experiment(
             "nam_synthetic",
@@ -88,6 +89,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             synthetic.nam_specs,
             synthetic.nam_run,
             "test_auc",
+            select_by="val_auc",
         ),
         Experiment(
             "moe",
@@ -108,16 +110,18 @@ EXPERIMENTS: dict[str, Experiment] = {
             tabular.california_run,
             "test_auc",
             requires=_needs_widedeep,
+            select_by="val_auc",
         ),
         Experiment(
             "birds_multitask",
             "Figure 4 (birds data instead of CelebA)",
             "One learning rate per task head (per output unit) improves the average test "
-            "accuracy and the individual tasks' convergence over one shared rate.",
+            "accuracy and the individual tasks' convergence over one shared rate (judged by "
+            "the test loss here: on these labels every method's accuracy is below the 0.949 "
+            "of predicting every label absent).",
             tabular.birds_specs,
             tabular.birds_run,
-            "test_accuracy",
-            higher_is_better=True,
+            "test_loss",
             requires=_needs_widedeep,
         ),
         Experiment(

@@ -15,8 +15,8 @@ __all__ = ["build_report", "claims_table", "summarize_experiment"]
 
 
 def _value(result: dict[str, Any], metric: str) -> float:
-    if metric == "test_auc":  # mean test loss over training: lower means faster convergence
-        curve = result["train"].get("test_curve") or []
+    if metric in ("test_auc", "val_auc"):  # mean loss over training: lower, faster
+        curve = result["train"].get(metric.replace("_auc", "_curve")) or []
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in curve)
         return (
             statistics.fmean(curve)
@@ -35,6 +35,8 @@ def _label(result: dict[str, Any]) -> str:
         fn, method = run["method"].split("__")
         return f"{fn}:{'constant (grid)' if method.startswith('constant') else method}"
     grid = run["config"].get("grid")
+    if run["config"].get("paper_rate"):  # one run at the paper's rate, not a search
+        return {"constant": "ULR (paper's rate)", "dlr": "DLR (paper's rate)"}[grid]
     return (
         {
             "constant": "ULR (grid)",
@@ -125,7 +127,10 @@ def _verdict(name: str, summary: dict[str, dict[str, Any]], higher: bool) -> tup
             "gen_paper",
         ),
         "text_minilm": ("ULR LoRA (grid)", "hi_ulr"),
-    }.get(name, ("ULR (grid)", "DLR (grid)", "hi_ulr"))
+    }.get(
+        name,
+        ("ULR (grid)", "DLR (grid)", "ULR (paper's rate)", "DLR (paper's rate)", "hi_ulr"),
+    )
     refs = [k for k in ref_names if k in summary]
     hi_names = (
         "hi_dlr",
