@@ -326,8 +326,13 @@ class DistributedHiDLR(HiDLR):
 
 
 def rates_agree(opt: HiDLR, process_group: Any = None) -> bool:
-    """Whether every rank holds exactly the same adapted rates (a check: two all-reduces)."""
+    """Whether every rank holds exactly the same adapted rates (a check: two all-reduces),
+    over ``process_group`` (default: the optimizer's own, else the whole world)."""
+    if process_group is None:
+        process_group = getattr(opt, "process_group", None)
     rates = torch.tensor(opt.lrs, dtype=torch.float64)
+    if dist.get_backend(process_group) == "nccl":  # NCCL reduces CUDA tensors only
+        rates = rates.to(torch.device("cuda", torch.cuda.current_device()))
     lo, hi = rates.clone(), rates.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=process_group)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=process_group)
