@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
-import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from hidlr._checkpoint import (
+    HOOKS,
+    BaseLoaded,
+    Pending,
+    checkpoint_options,
+    pending_from_state,
+    pending_to_state,
+)
 from hidlr._probing import (
     GroupMover,
     _dtensor_class,
@@ -50,17 +55,6 @@ __all__ = ["HiDLR"]
 logger = logging.getLogger(__name__)
 
 Closure = Callable[[], Any]
-
-
-@dataclass
-class _Pending:
-    """A deferred probe step: its parameters (per group, those with a gradient), their values
-    before its update (``w0``) and the rates that update used."""
-
-    step: int
-    params: list[list[torch.Tensor]]
-    w0: list[torch.Tensor]
-    used: list[float]
 
 
 class HiDLR(Optimizer):
@@ -211,14 +205,14 @@ class HiDLR(Optimizer):
             "defer_probes": check_bool("defer_probes", defer_probes),
         }
         self.defaults = optimizer.defaults
-        for name in _HOOKS:
+        for name in HOOKS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
         self._steps = 0
         self._coupling = 1.0
         self._coupling_updates = 0
         self._recent_losses: list[float] = []  # fitted unperturbed losses of recent probe steps
-        self._pending: _Pending | None = None  # a deferred probe step's snapshot
+        self._pending: Pending | None = None  # a deferred probe step's snapshot
         self._history: deque[ProbeRecord] = deque(
             maxlen=check_int("history_size", history_size, minimum=0)
         )
@@ -250,13 +244,13 @@ class HiDLR(Optimizer):
         # a copy must not carry it, nor the hooks (torch's own optimizers drop them the same way)
         state.pop("step", None)
         state.pop("_opt_called", None)
-        for name in _HOOKS:
+        for name in HOOKS:
             state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        for name in _HOOKS:
+        for name in HOOKS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
         self._watch_base()
@@ -264,7 +258,7 @@ class HiDLR(Optimizer):
     def _watch_base(self) -> None:
         """A state dict loaded into the base optimizer itself (a plain checkpoint of it) brings
         param groups without Hi-DLR's keys: they start afresh from its rates."""
-        self.optimizer.register_load_state_dict_post_hook(_BaseLoaded(self))
+        self.optimizer.register_load_state_dict_post_hook(BaseLoaded(self))
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -298,7 +292,7 @@ class HiDLR(Optimizer):
                 "recent_losses": list(self._recent_losses),
                 "options": dict(self.options),
                 "history": [r.as_dict() for r in self._history],
-                "pending": self._pending_state(),
+                "pending": pending_to_state(self._pending, self.param_groups),
             },
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
@@ -306,26 +300,6 @@ class HiDLR(Optimizer):
             if result is not None:
                 state_dict = result
         return state_dict
-
-    def _pending_state(self) -> dict[str, Any] | None:
-        """A deferred probe step as plain data: positions of its parameters in the param groups
-        (per group) and their values before its update. Like the tensors of torch's own
-        ``state_dict``, these are live (the next step probes with them as scratch): save them
-        at once, or ``copy.deepcopy`` the state dict to keep it in memory."""
-        pending = self._pending
-        if pending is None:
-            return None
-        where = {
-            id(p): (i, j)
-            for i, g in enumerate(self.param_groups)
-            for j, p in enumerate(g["params"])
-        }
-        return {
-            "step": pending.step,
-            "params": [[list(where[id(p)]) for p in ps] for ps in pending.params],
-            "w0": list(pending.w0),
-            "used": list(pending.used),
-        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore a :meth:`state_dict`, the options included: as torch's optimizers take
@@ -341,19 +315,7 @@ class HiDLR(Optimizer):
                 f"got keys {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}"
             )
         saved = state_dict["hidlr"]
-        options = dict(saved["options"])
-        options["probe_multipliers"] = check_multipliers(options["probe_multipliers"])
-        changed = sorted(
-            k for k in options.keys() | self.options.keys() if options.get(k) != self.options.get(k)
-        )
-        if changed:
-            warnings.warn(
-                "the checkpoint's Hi-DLR options replace the constructor's: "
-                + ", ".join(
-                    f"{k}={options.get(k)!r} (was {self.options.get(k)!r})" for k in changed
-                ),
-                stacklevel=2,
-            )
+        options = checkpoint_options(saved["options"], self.options)
         live = [(g["hidlr_frozen"], g.get("hidlr_requires_grad")) for g in self.param_groups]
         self.optimizer.load_state_dict(state_dict["base"])
         self.options = options
@@ -364,22 +326,7 @@ class HiDLR(Optimizer):
         self._history = deque(
             (ProbeRecord.from_dict(r) for r in saved["history"]), maxlen=self._history.maxlen
         )
-        self._pending = None
-        pending = saved.get("pending")
-        if pending is not None:
-            groups = self.param_groups
-            params = [[groups[i]["params"][j] for i, j in ps] for ps in pending["params"]]
-            flat = [p for ps in params for p in ps]
-            w0 = snapshot(flat)  # the layout of a live snapshot (one buffer), then its values
-            if flat:
-                torch._foreach_copy_(
-                    w0,
-                    [
-                        t.to(device=p.device, dtype=p.dtype)
-                        for t, p in zip(pending["w0"], flat, strict=True)
-                    ],
-                )
-            self._pending = _Pending(int(pending["step"]), params, w0, list(pending["used"]))
+        self._pending = pending_from_state(saved.get("pending"), self.param_groups)
         for group, (was_frozen, flags) in zip(self.param_groups, live, strict=True):
             if group.get("hidlr_frozen", False):
                 for p in group["params"]:
@@ -598,7 +545,7 @@ class HiDLR(Optimizer):
         """The probe step's update, keeping ``w0`` for its probes at the next step."""
         used = [self._effective_lr(g) for g in self.param_groups]
         params, copies = self._snapshot_and_step()
-        self._pending = _Pending(self._steps, params, copies, used)
+        self._pending = Pending(self._steps, params, copies, used)
         self._steps += 1
 
     def _resolve_pending(self, closure: Closure) -> None:
@@ -858,33 +805,6 @@ class HiDLR(Optimizer):
             logger.info(
                 "hidlr: froze group %d at step %d (influence share %.3g)", k, step, shares[k]
             )
-
-
-_HOOKS = tuple(
-    f"_optimizer_{kind}_hooks"
-    for kind in (
-        "step_pre",
-        "step_post",
-        "state_dict_pre",
-        "state_dict_post",
-        "load_state_dict_pre",
-        "load_state_dict_post",
-    )
-)
-
-
-class _BaseLoaded:
-    """The base optimizer's load-state-dict post-hook (see :meth:`HiDLR._watch_base`); a
-    class holding a weak reference, so that neither keeps the other alive or unpicklable."""
-
-    def __init__(self, owner: HiDLR) -> None:
-        self.owner = weakref.ref(owner)
-
-    def __call__(self, optimizer: Optimizer) -> None:
-        owner = self.owner()
-        if owner is not None and owner.optimizer is optimizer:
-            for i, group in enumerate(optimizer.param_groups):
-                owner._init_group(i, group)
 
 
 def _idle_reason(group: dict[str, Any], stalled: bool) -> str:
