@@ -50,3 +50,14 @@ def test_probe_subset_rejects_bad_input():
         probe_subset(torch.ones(2), 1.5)
     with pytest.raises(ValueError, match=r"one batch size .* got sizes \[3, 4\]"):
         probe_subset((torch.ones(3), torch.ones(4)), 0.5)
+
+
+def test_a_whole_next_batch_given_to_the_probes_is_a_container_of_its_own():
+    batches = [
+        {"x": torch.ones(2), "labels": torch.zeros(2)},
+        {"x": torch.ones(2), "labels": torch.ones(2)},
+    ]
+    (first, probe), _ = list(with_probe_batch(batches))
+    assert probe is not batches[1] and probe["x"] is batches[1]["x"]
+    probe.pop("labels")  # a closure that takes the labels out leaves the training batch whole
+    assert set(batches[1]) == {"x", "labels"} and first is batches[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -496,3 +497,108 @@ def test_a_second_train_keeps_one_hidlr(tmp_path):
     t.args.max_steps = 1
     t.train()  # a new run starts without the last run's batches
     assert "stale" not in opt.previous_batches
+
+
+# -- found by review (session 7) ---------------------------------------------------------------
+
+
+def test_default_groups_leave_out_roles_the_model_lacks():
+    from hidlr.integrations.transformers import default_groups
+
+    no_bias = torch.nn.Sequential(
+        torch.nn.Linear(4, 8, bias=False), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2, bias=False)
+    )
+    groups = default_groups(no_bias)  # a Llama-like model: norms, no biases
+    assert [g["name"] for g in groups] == ["head", "norm", "rest"]
+    bare = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.ReLU())
+    (only,) = default_groups(bare)  # its one weight is the head, and nothing is left as rest
+    assert only["name"] == "head" and len(only["params"]) == 1
+
+
+def test_probes_measure_the_token_normalised_loss_the_step_trained_on(tmp_path):
+    """A causal LM normalises its loss by the label tokens of all micro-batches together
+    (num_items_in_batch): the probes at the step's own weights and batches must see the same
+    objective the gradient came from, not the mean of per-micro-batch means."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(config)
+
+    class LM(torch.utils.data.Dataset):  # odd examples: only their last 2 labels count
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            x = torch.randint(5, 100, (12,), generator=torch.Generator().manual_seed(i))
+            y = x.clone()
+            if i % 2:
+                y[:-2] = -100
+            return {"input_ids": x, "labels": y}
+
+    seen: dict[str, list[float]] = {"train": [], "probe": []}
+
+    class Recording(HiDLRTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            seen["train"].append(loss.item())
+            return loss
+
+    class BeforeTheStep(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            with torch.no_grad():
+                seen["probe"].append(t._probe_loss().item())
+
+    t = Recording(
+        model=model,
+        args=transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            report_to=[],
+            max_steps=1,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=2,
+            disable_tqdm=True,
+            seed=0,
+            data_seed=0,
+            save_strategy="no",
+        ),
+        train_dataset=LM(),
+        hidlr_groups=lambda m: hidlr.by_role(m, ("head", "norm")),
+        probe_batch="same",
+        callbacks=[BeforeTheStep()],
+    )
+    t.train()
+    assert t.model_accepts_loss_kwargs
+    assert seen["probe"][0] == pytest.approx(sum(seen["train"]), rel=1e-5)
+
+
+def test_a_given_closure_hidlr_is_checked_not_silently_reconfigured(tmp_path):
+    from hidlr.integrations.transformers import ClosureHiDLR
+
+    t = trainer(tmp_path, steps=2)
+    t.optimizer = ClosureHiDLR(torch.optim.SGD(t.model.parameters(), lr=0.1), defer_probes=True)
+    with pytest.raises(ValueError, match="passed to HiDLRTrainer has defer_probes=True"):
+        t.create_optimizer()
+    t.optimizer = ClosureHiDLR(torch.optim.SGD(t.model.parameters(), lr=0.1))
+    with pytest.warns(UserWarning, match=r"hidlr_kwargs \['update_every'\] are not applied"):
+        t.create_optimizer()
+    built = trainer(tmp_path, steps=2)
+    built.create_optimizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        built.create_optimizer()  # its own: no warning the second time
+
+
+def test_groups_that_leave_out_trainable_parameters_are_reported(tmp_path):
+    model = bert()
+    t = trainer(tmp_path, model=model, steps=1)
+    t.hidlr_groups = lambda m: [{"params": list(m.classifier.parameters())}]
+    with pytest.warns(UserWarning, match=r"leaves out \d+ trainable parameter\(s\) \(e.g. 'bert"):
+        t._base_param_groups(model)

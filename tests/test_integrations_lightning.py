@@ -303,3 +303,25 @@ def test_manual_optimisation_runs_the_hooks_once_per_step():
     opt = _opt(trainer)
     assert opt.steps == net.hook_calls == 2 * BATCHES_PER_EPOCH
     assert len(opt.history) == opt.steps // 2 and opt.lrs != [0.02, 0.02]
+
+
+def test_a_checkpoint_does_not_warn_about_the_callbacks_own_option():
+    """HiDLRCallback sets defer_probes on its optimizers; a fresh LightningHiDLR has not, so
+    loading a checkpoint must not report it as an option the checkpoint replaced."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3))
+    saved = LightningHiDLR(torch.optim.SGD([w], lr=0.1))
+    saved.options["defer_probes"] = True  # as the callback leaves it
+    fresh = LightningHiDLR(torch.optim.SGD([nn.Parameter(torch.randn(3))], lr=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(saved.state_dict())
+    assert fresh.options["defer_probes"] is False  # the callback sets it at the start of fit
+    other = LightningHiDLR(torch.optim.SGD([nn.Parameter(torch.randn(3))], lr=0.1), update_every=7)
+    with pytest.warns(UserWarning, match=r"update_every=4 \(was 7\)"):
+        other.load_state_dict(saved.state_dict())  # a real difference is still named
+
+
+def test_probe_loss_must_be_callable():
+    with pytest.raises(TypeError, match=r"probe_loss must be None or a callable .* got 'mse'"):
+        HiDLRCallback(probe_loss="mse")

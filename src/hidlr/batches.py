@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -38,9 +39,17 @@ def _pairs(batches: Iterable[T], fraction: float) -> Iterator[tuple[T, T]]:
     except StopIteration:
         return
     for following in it:
-        yield current, probe_subset(following, fraction)
+        yield current, _own(probe_subset(following, fraction), following)
         current = following
-    yield current, probe_subset(current, fraction)
+    yield current, _own(probe_subset(current, fraction), current)
+
+
+def _own(probe: T, batch: T) -> T:
+    """The probe batch as a container of its own (a shallow copy where it is the training
+    batch itself): a closure that pops a key from it leaves the training batch whole."""
+    if probe is batch and isinstance(batch, (dict, list)):
+        return copy.copy(batch)
+    return probe
 
 
 def probe_subset(batch: T, fraction: float) -> T:

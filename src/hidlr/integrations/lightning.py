@@ -105,6 +105,15 @@ class LightningHiDLR(HiDLR):
         state.pop("probe_closure", None)  # holds the module and a batch
         return state
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        # defer_probes is HiDLRCallback's to set (at the start of training), not an option a
+        # checkpoint brings: keep this optimizer's, so a resume does not warn about it
+        saved = state_dict.get("hidlr") if isinstance(state_dict, dict) else None
+        if isinstance(saved, dict) and isinstance(saved.get("options"), dict):
+            options = {**saved["options"], "defer_probes": self.options["defer_probes"]}
+            state_dict = {**state_dict, "hidlr": {**saved, "options": options}}
+        super().load_state_dict(state_dict)
+
 
 class HiDLRCallback(Callback):
     """Gives every :class:`LightningHiDLR` of the trainer the probe closure of each step:
@@ -127,6 +136,11 @@ class HiDLRCallback(Callback):
         if probe_batch not in ("next", "previous", "same"):
             raise ValueError(
                 f"probe_batch must be 'next', 'previous' or 'same', got {probe_batch!r}"
+            )
+        if probe_loss is not None and not callable(probe_loss):
+            raise TypeError(
+                "probe_loss must be None or a callable probe_loss(module, batch) returning the "
+                f"loss, got {probe_loss!r}"
             )
         self.probe_loss = probe_loss
         self.probe_batch = probe_batch

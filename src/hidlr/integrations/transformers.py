@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -53,7 +54,7 @@ from transformers import Trainer
 from hidlr._validation import check_float
 from hidlr.batches import probe_subset
 from hidlr.groups import by_lora, by_role
-from hidlr.groups._common import _LORA_A, _LORA_B
+from hidlr.groups._common import _LORA_A, _LORA_B, ROLES
 from hidlr.integrations import find_hidlr, group_names
 from hidlr.optimizer import HiDLR
 
@@ -84,6 +85,7 @@ class ClosureHiDLR(HiDLR):
         self.previous_batches: list[Any] = []
         self.next_batches: list[Any] = []
         self.save_step_batches = False
+        self._built_by_trainer = False  # made by HiDLRTrainer from its hidlr_kwargs
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -116,10 +118,18 @@ def _is_peft_lora(model: nn.Module) -> bool:
 
 def default_groups(model: nn.Module) -> list[dict[str, Any]]:
     """:func:`hidlr.by_lora` (``lora_A`` / ``lora_B`` / ``head``) for a LoRA model, else
-    :func:`hidlr.by_role` (``head`` / ``norm`` / ``bias`` / ``rest``)."""
+    :func:`hidlr.by_role` (``head`` / ``norm`` / ``bias`` / ``rest``) with the roles the model
+    has (Llama has no biases, for one); one group when it has none of them."""
     if _is_peft_lora(model):
         return by_lora(model)
-    return by_role(model)
+    present: list[str] = []
+    for role in ROLES:  # in order: a role is empty when the ones before took its parameters
+        with contextlib.suppress(ValueError):  # none left for it, no head found, or no rest
+            by_role(model, [*present, role])
+            present.append(role)
+    if present:
+        return by_role(model, present)
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "name": "all"}]
 
 
 def hidlr_log_values(optimizer: Any) -> dict[str, float]:
@@ -244,6 +254,14 @@ class HiDLRTrainer(Trainer):
                 any_decayed = any(id(p) in decayed for p in out["params"])
                 out["weight_decay"] = self.args.weight_decay if any_decayed else 0.0
             groups.append(out)
+        covered = {id(p) for g in groups for p in g["params"]}
+        left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+        if left:
+            warnings.warn(
+                f"hidlr_groups(model) leaves out {len(left)} trainable parameter(s) (e.g. "
+                f"{left[0]!r}): they get gradients but no optimizer updates them",
+                stacklevel=2,
+            )
         return groups
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -264,6 +282,21 @@ class HiDLRTrainer(Trainer):
                 )
             base = cls(self._base_param_groups(opt_model), **kwargs)
             self.optimizer = ClosureHiDLR(base, **self.hidlr_kwargs)
+            self.optimizer._built_by_trainer = True
+        elif isinstance(self.optimizer, ClosureHiDLR) and not getattr(
+            self.optimizer, "_built_by_trainer", False
+        ):  # one passed in (optimizers=(ClosureHiDLR(...), None)): checked, kept as it is
+            if self.optimizer.options.get("defer_probes"):
+                raise ValueError(
+                    "the ClosureHiDLR passed to HiDLRTrainer has defer_probes=True: the trainer "
+                    "hands the probes the batch it chose itself (probe_batch=...)"
+                )
+            if self.hidlr_kwargs:
+                warnings.warn(
+                    f"hidlr_kwargs {sorted(self.hidlr_kwargs)} are not applied: the ClosureHiDLR "
+                    "passed in keeps its own options",
+                    stacklevel=2,
+                )
         elif not isinstance(self.optimizer, ClosureHiDLR):
             if self._existing_hidlr() is not None:
                 return self.optimizer  # a second train(): accelerate's wrapper around ours
@@ -273,6 +306,7 @@ class HiDLRTrainer(Trainer):
                     "the Trainer calls step() without a closure"
                 )
             self.optimizer = ClosureHiDLR(self.optimizer, **self.hidlr_kwargs)
+            self.optimizer._built_by_trainer = True
         return self.optimizer
 
     # -- the probe closure -----------------------------------------------------------------
@@ -340,16 +374,28 @@ class HiDLRTrainer(Trainer):
             batches = batches[-1:]
         if not batches or model is None:
             raise RuntimeError("HiDLRTrainer: no batch stashed for the probe closure")
+        prepared = [
+            self._prepare_inputs(probe_subset(dict(inputs), self.probe_fraction))
+            for inputs in batches
+        ]
+        # the loss the step's gradient came from: with a token-normalised loss (a model that
+        # takes num_items_in_batch, or compute_loss_func) the sum over the micro-batches of
+        # each one's loss over the items of all, else the mean of their losses
+        items = self._get_num_items_in_batch(prepared, self.args.device)
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (
+                self.model_accepts_loss_kwargs and items is not None
+            ) or self.compute_loss_func is not None
         total = torch.zeros((), dtype=torch.float32)
-        for inputs in batches:
-            prepared = self._prepare_inputs(probe_subset(dict(inputs), self.probe_fraction))
+        for inputs in prepared:
             with self.compute_loss_context_manager():
-                out = self.compute_loss(model, prepared)
+                out = self.compute_loss(model, inputs, num_items_in_batch=items)
             loss = out[0] if isinstance(out, tuple) else out
             if self.args.n_gpu > 1:
                 loss = loss.mean()
             total = total.to(loss.device) + loss.detach().float()
-        return total / len(batches)
+        return total if scaled else total / len(prepared)
 
     # -- logging ---------------------------------------------------------------------------
 
