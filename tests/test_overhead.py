@@ -42,6 +42,25 @@ def test_implementation_limit():
     assert implementation_limit(3.0, 1.0, 2, 9, "robust") == pytest.approx(0.75)
     # with B = 2F and C = 0 the limit is the paper's bound
     assert implementation_limit(3.0, 1.0, 4, 2, "paper") == pytest.approx(paper_bound(4, 2))
+    # the forward passes a probe step really made (a group not probed: 4 fewer)
+    assert implementation_limit(3.0, 1.0, 2, 8, "paper", forwards=4) == pytest.approx(6 / 7)
+
+
+def test_within_3pct_of_the_limit_counts_both_sides():
+    from hidlr.experiments.overhead import _summary
+
+    rows = [
+        {
+            "policy": "paper",
+            "speed_vs_limit": c,
+            "expected_speed_vs_limit": 0.99,
+            "speed": 1.0,
+            "paper_bound": 0.5,
+        }
+        for c in (0.98, 1.02, 1.10, 0.90)
+    ]
+    summary = _summary({"config": {"policies": ["paper"]}, "speed": rows})["paper"]
+    assert summary["within_3pct_of_limit"] == 2  # 1.10 is above the limit: something miscounted
 
 
 def test_expected_speed_vs_limit():
@@ -163,6 +182,7 @@ def test_run_overhead_end_to_end(tmp_path):
         "phi",
         "policy",
         "forwards_per_probe_step",
+        "forwards_planned",
         "base_step_s",
         "forward_s",
         "hidlr_step_s",
@@ -185,7 +205,9 @@ def test_run_overhead_end_to_end(tmp_path):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert 0 < r["limit"] < 1
         assert r["paper_bound"] == pytest.approx(paper_bound(r["K"], r["phi"]))
-        assert r["forwards_per_probe_step"] == forwards_per_probe_step(r["K"], r["policy"])
+        assert r["forwards_planned"] == forwards_per_probe_step(r["K"], r["policy"])
+        # measured: groups whose step did not move their weights are not probed
+        assert 0 < r["forwards_per_probe_step"] <= r["forwards_planned"]
     assert [(r["phi"], r["policy"]) for r in result["table4"]] == [
         (None, "base"),
         (2, "paper"),

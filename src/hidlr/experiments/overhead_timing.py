@@ -64,6 +64,7 @@ class _Arm:
     probe: list[float] = field(default_factory=list)  # single probe-step times
     probe_net: list[float] = field(default_factory=list)  # the same less their closure calls
     probe_forward: list[float] = field(default_factory=list)  # closure calls inside probes
+    probe_calls: list[int] = field(default_factory=list)  # closure calls per probe step
     plain: list[float] = field(default_factory=list)  # single plain-step times
     ratios: list[float] = field(default_factory=list)  # paired base / hidlr, by repeat
 
@@ -102,6 +103,7 @@ def _run_arm(w: Workload, arm: _Arm) -> float:
                     arm.probe.append(dt)
                     arm.probe_net.append(dt - sum(calls))
                     arm.probe_forward += calls
+                    arm.probe_calls.append(len(calls))
                 elif arm.kind == "hidlr":
                     arm.plain.append(dt)
     finally:

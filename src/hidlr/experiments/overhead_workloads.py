@@ -61,11 +61,19 @@ def forwards_per_probe_step(k: int, policy: str) -> int:
 
 
 def implementation_limit(
-    base_step: float, forward: float, k: int, phi: float, policy: str
+    base_step: float,
+    forward: float,
+    k: int,
+    phi: float,
+    policy: str,
+    forwards: float | None = None,
 ) -> float:
     """The relative speed with nothing but the probes' forward passes added to a base step:
-    ``base_step / (base_step + n_fwd / Phi * forward)``."""
-    return base_step / (base_step + forwards_per_probe_step(k, policy) / phi * forward)
+    ``base_step / (base_step + n_fwd / Phi * forward)``, with ``n_fwd`` the forward passes a
+    probe step made (``forwards``, measured: groups whose step did not move their weights are
+    not probed) or else :func:`forwards_per_probe_step`."""
+    n_fwd = forwards_per_probe_step(k, policy) if forwards is None else forwards
+    return base_step / (base_step + n_fwd / phi * forward)
 
 
 # -- workloads -------------------------------------------------------------------------------
