@@ -277,31 +277,17 @@ def test_applied_rates_coupling_bound_and_stalled_growth():
 
     rates, diag, counts = [1.0, 1.0, 0.1, 5.0], [4.0, 0.9, 0.1, 5.0], [3, 3, 7, 2]
     actions = ["update", "update", "keep", "keep"]
-    new, d, c, a = applied_rates(
-        rates,
-        diag,
-        counts,
-        actions,
-        [0, 1],
-        [2],
-        [1.0, 1.0, 0.15, 5.0],
-        coupling=0.5,
-        max_rate_change=None,
-    )
+
+    def apply(peaks, bound):
+        return applied_rates(
+            rates, diag, counts, actions, [0, 1], [2], peaks, coupling=0.5, max_rate_change=bound
+        )
+
+    new, d, c, a = apply([1.0, 1.0, 0.15, 5.0], None)
     assert new == [2.0, 0.45, 0.15, 5.0]  # coupling x diagonal; the stalled group up to its peak
     assert d == [4.0, 0.9, pytest.approx(0.15), 5.0] and c == [3, 3, 0, 2]
     assert a == ["update", "update", "grow", "keep"]
-    new, d, _, _ = applied_rates(
-        rates,
-        diag,
-        counts,
-        actions,
-        [0, 1],
-        [2],
-        [1.0, 1.0, 1.0, 5.0],
-        coupling=0.5,
-        max_rate_change=1.5,
-    )
+    new, d, _, _ = apply([1.0, 1.0, 1.0, 5.0], 1.5)
     # the applied rate is bounded (the diagonal one scaled alike); growth too
     assert new == [1.5, pytest.approx(1 / 1.5), pytest.approx(0.15), 5.0]
     assert d == [3.0, pytest.approx(4 / 3), pytest.approx(0.15), 5.0]
