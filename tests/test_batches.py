@@ -61,3 +61,12 @@ def test_a_whole_next_batch_given_to_the_probes_is_a_container_of_its_own():
     assert probe is not batches[1] and probe["x"] is batches[1]["x"]
     probe.pop("labels")  # a closure that takes the labels out leaves the training batch whole
     assert set(batches[1]) == {"x", "labels"} and first is batches[0]
+
+
+def test_a_user_dict_batch_is_copied_too():
+    from collections import UserDict  # as transformers' BatchEncoding
+
+    batches = [UserDict(x=torch.ones(2), labels=torch.zeros(2)) for _ in range(2)]
+    (_, probe), _ = list(with_probe_batch(batches))
+    probe.pop("labels")
+    assert "labels" in batches[1]

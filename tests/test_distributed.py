@@ -309,3 +309,14 @@ def test_options_checked_and_state_round_trips():
     other.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert other.state_dict()["hidlr"] == opt.state_dict()["hidlr"]
     assert other.lrs == [0.37] and other.steps == 3
+
+
+def test_a_functional_collective_failing_in_operator_dispatch_is_a_collective_failure():
+    from hidlr.integrations.distributed import _raised_in_collective
+
+    # torch.distributed._functional_collectives calls torch.ops._c10d_functional, whose
+    # Python frame (torch._ops) is the innermost one
+    assert _raised_in_collective(
+        _raise_from("torch.distributed._functional_collectives", "torch._ops")
+    )
+    assert not _raised_in_collective(_raise_from("my_model", "torch._ops"))  # any other op

@@ -688,3 +688,39 @@ def test_dog_is_evaluated_with_averaged_batchnorm_statistics():
     with built.evaluating():  # the package's average covers the statistics, not only weights
         assert not torch.equal(bn.running_mean, live)
     assert torch.equal(bn.running_mean, live)
+
+
+def test_the_grid_grows_at_most_a_decade_past_the_tasks_own_however_often_resumed(tmp_path):
+    from hidlr.experiments.tasks import TASKS
+
+    low = min(TASKS["friedman_mlp"].grid)
+    rates = [
+        *TASKS["friedman_mlp"].grid,
+        *(low / 10 ** (k / 3) for k in range(1, GRID_EXTENSIONS + 1)),
+    ]
+    # the best keeps lying at the lowest point tried
+    records = [_record("constant", 0, lr, "grid", 1.0 + lr) for lr in rates]
+    path = _write(tmp_path / "runs.jsonl", records)
+    assert edge_jobs(path, ["friedman_mlp"], (0,)) == []
+    path = _write(tmp_path / "runs.jsonl", records[:-1])  # one extension fewer: one more to run
+    (job,) = edge_jobs(path, ["friedman_mlp"], (0,))
+    assert job.lr == pytest.approx(rates[-1])
+
+
+def test_rates_and_wall_time_leave_out_runs_that_stopped_early(tmp_path):
+    records = [
+        _record("constant", 0, 0.1, "grid", 1.0),
+        _record("constant", 0, 1.0, "grid", math.inf, True),
+    ]
+    records[0]["seconds"], records[1]["seconds"] = 4.0, 0.1  # a diverged run stops at once
+    full = _record("hidlr", 0, 0.01, "default", 1.0)
+    full["lrs"], full["seconds"] = [[0.01 * (i + 1)] for i in range(9)], 8.0
+    short = _record("hidlr", 1, 0.01, "default", math.inf, True)
+    short["lrs"], short["seconds"] = [[5.0], [50.0]], 8.0
+    row = summarize(_write(tmp_path / "runs.jsonl", records + [full, short]))["tasks"][
+        "friedman_mlp"
+    ]
+    assert row["methods"]["hidlr"]["time_ratio"] == 2.0  # against the finished grid run only
+    info = row["hidlr_rates"]
+    assert info["runs"] == 1 and info["steps"] == [0, 20, 40, 60, 80]
+    assert info["rates"][0] == pytest.approx([0.01, 0.03, 0.05, 0.07, 0.09])

@@ -1412,3 +1412,18 @@ def test_compiled_model_with_many_module_classes_does_not_recompile_the_guard():
             nn.functional.mse_loss(forward(x), y).backward()
             opt.step(lambda: nn.functional.mse_loss(forward(x), y))
     assert len(opt.history) == 2
+
+
+def test_a_base_checkpoint_loaded_after_a_freeze_trains_the_group_again():
+    groups = _tiny()[2]
+    plain_groups = _tiny()[2]
+    plain = torch.optim.SGD(plain_groups, lr=0.02)
+    opt = hidlr.HiDLR(torch.optim.SGD(groups, lr=0.01), update_every=1)
+    params = list(opt.param_groups[0]["params"])
+    opt.freeze(0)
+    assert not any(p.requires_grad for p in params)
+    opt.optimizer.load_state_dict(plain.state_dict())  # a checkpoint from before any freeze
+    assert opt.frozen == [False, False] and all(p.requires_grad for p in params)
+    opt.freeze(0)
+    opt.optimizer.load_state_dict(opt.optimizer.state_dict())  # its own: stays frozen
+    assert opt.frozen[0] and not any(p.requires_grad for p in params)

@@ -92,15 +92,46 @@ HOOKS = tuple(
 )
 
 
+def restore_requires_grad(params: list[torch.Tensor], flags: list[bool] | None) -> None:
+    """``requires_grad`` as :meth:`HiDLR.freeze` found it (all on for a checkpoint that did
+    not record it)."""
+    for i, p in enumerate(params):
+        p.requires_grad_(True if flags is None or i >= len(flags) else bool(flags[i]))
+
+
 class BaseLoaded:
-    """The base optimizer's load-state-dict post-hook (see :meth:`hidlr.HiDLR._watch_base`); a
-    class holding a weak reference, so that neither keeps the other alive or unpicklable."""
+    """The base optimizer's load-state-dict hooks (see :meth:`hidlr.HiDLR._watch_base`): after
+    any load into it (a HiDLR checkpoint's base part, or a plain checkpoint of the base), the
+    groups get Hi-DLR's keys they lack, and ``requires_grad`` follows the loaded groups: off
+    where a group is frozen, back as :meth:`~hidlr.HiDLR.freeze` found it where a frozen group
+    now trains. A class holding a weak reference, so that neither keeps the other alive or
+    unpicklable."""
 
     def __init__(self, owner: HiDLR) -> None:
         self.owner = weakref.ref(owner)
+        self.live: list[tuple[bool, list[bool] | None]] | None = None
+
+    def _mine(self, optimizer: Optimizer) -> HiDLR | None:
+        owner = self.owner()
+        return owner if owner is not None and owner.optimizer is optimizer else None
+
+    def before(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+        if self._mine(optimizer) is not None:
+            self.live = [
+                (bool(g.get("hidlr_frozen", False)), g.get("hidlr_requires_grad"))
+                for g in optimizer.param_groups
+            ]
 
     def __call__(self, optimizer: Optimizer) -> None:
-        owner = self.owner()
-        if owner is not None and owner.optimizer is optimizer:
-            for i, group in enumerate(optimizer.param_groups):
-                owner._init_group(i, group)
+        owner = self._mine(optimizer)
+        live, self.live = self.live, None
+        if owner is None:
+            return
+        for i, group in enumerate(optimizer.param_groups):
+            owner._init_group(i, group)
+        for group, (was_frozen, flags) in zip(optimizer.param_groups, live or [], strict=False):
+            if group["hidlr_frozen"]:
+                for p in group["params"]:
+                    p.requires_grad_(False)
+            elif was_frozen:  # a checkpoint from before a freeze: the group trains again
+                restore_requires_grad(group["params"], flags)

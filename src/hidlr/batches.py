@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, TypeVar
 
 import torch
@@ -47,7 +47,7 @@ def _pairs(batches: Iterable[T], fraction: float) -> Iterator[tuple[T, T]]:
 def _own(probe: T, batch: T) -> T:
     """The probe batch as a container of its own (a shallow copy where it is the training
     batch itself): a closure that pops a key from it leaves the training batch whole."""
-    if probe is batch and isinstance(batch, (dict, list)):
+    if probe is batch and isinstance(batch, (MutableMapping, list)):
         return copy.copy(batch)
     return probe
 

@@ -18,6 +18,7 @@ from hidlr._checkpoint import (
     checkpoint_options,
     pending_from_state,
     pending_to_state,
+    restore_requires_grad,
 )
 from hidlr._probing import (
     GroupMover,
@@ -258,7 +259,9 @@ class HiDLR(Optimizer):
     def _watch_base(self) -> None:
         """A state dict loaded into the base optimizer itself (a plain checkpoint of it) brings
         param groups without Hi-DLR's keys: they start afresh from its rates."""
-        self.optimizer.register_load_state_dict_post_hook(BaseLoaded(self))
+        hook = BaseLoaded(self)
+        self.optimizer.register_load_state_dict_pre_hook(hook.before)
+        self.optimizer.register_load_state_dict_post_hook(hook)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -316,7 +319,7 @@ class HiDLR(Optimizer):
             )
         saved = state_dict["hidlr"]
         options = checkpoint_options(saved["options"], self.options)
-        live = [(g["hidlr_frozen"], g.get("hidlr_requires_grad")) for g in self.param_groups]
+        # (the base's load hooks, BaseLoaded, put requires_grad in line with the loaded groups)
         self.optimizer.load_state_dict(state_dict["base"])
         self.options = options
         self._steps = int(saved["steps"])
@@ -327,12 +330,6 @@ class HiDLR(Optimizer):
             (ProbeRecord.from_dict(r) for r in saved["history"]), maxlen=self._history.maxlen
         )
         self._pending = pending_from_state(saved.get("pending"), self.param_groups)
-        for group, (was_frozen, flags) in zip(self.param_groups, live, strict=True):
-            if group.get("hidlr_frozen", False):
-                for p in group["params"]:
-                    p.requires_grad_(False)
-            elif was_frozen:  # a checkpoint from before a freeze: the group trains again
-                _restore_requires_grad(group["params"], flags)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -380,7 +377,7 @@ class HiDLR(Optimizer):
         group = self.param_groups[index]
         flags = group.pop("hidlr_requires_grad", None)
         if group["hidlr_frozen"]:
-            _restore_requires_grad(group["params"], flags)
+            restore_requires_grad(group["params"], flags)
         group["hidlr_frozen"] = False
 
     @property
@@ -814,13 +811,6 @@ def _idle_reason(group: dict[str, Any], stalled: bool) -> str:
     if stalled:
         return "stalled"
     return "zero_direction" if group["params"] else "empty_group"
-
-
-def _restore_requires_grad(params: list[torch.Tensor], flags: list[bool] | None) -> None:
-    """``requires_grad`` as :meth:`HiDLR.freeze` found it (all on for a checkpoint that did
-    not record it)."""
-    for i, p in enumerate(params):
-        p.requires_grad_(True if flags is None or i >= len(flags) else bool(flags[i]))
 
 
 def _scalar_loss(value: Any) -> torch.Tensor:

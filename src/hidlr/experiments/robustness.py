@@ -247,7 +247,8 @@ def edge_jobs(path: str | Path, tasks: Sequence[str], seeds: Sequence[int]) -> l
     """One more grid point, a third of a decade out, for every task whose grid-best rate is
     the smallest or largest of its grid so far: a best at the edge may not be the best constant
     rate, only the best of those tried. Nothing for a task whose grid has not run for every
-    seed yet."""
+    seed yet, nor beyond ``GRID_EXTENSIONS`` points past the task's own grid (however often
+    the benchmark is resumed)."""
     path = Path(path)
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     jobs = []
@@ -259,7 +260,11 @@ def edge_jobs(path: str | Path, tasks: Sequence[str], seeds: Sequence[int]) -> l
         if not math.isfinite(_mean(grid[best])) or min(grid) < best < max(grid):
             continue
         out = -1 if best == min(grid) else 1
-        lr = float(10 ** ((round(3 * math.log10(best)) + out) / 3))
+        k = round(3 * math.log10(best)) + out  # the new point, in thirds of a decade
+        own = [round(3 * math.log10(v)) for v in TASKS[name].grid] if name in TASKS else [k]
+        if k < min(own) - GRID_EXTENSIONS or k > max(own) + GRID_EXTENSIONS:
+            continue
+        lr = float(10 ** (k / 3))
         jobs += [Job(name, "constant", seed, lr, "grid") for seed in seeds]
     return jobs
 
@@ -313,15 +318,16 @@ def summarize(path: str | Path) -> dict[str, Any]:
         grid = _grid(rs)
         best_lr = min(grid, key=lambda lr: _mean(grid[lr]))
         best = _mean(grid[best_lr])
-        grid_seconds = [r["seconds"] for r in rs if r["role"] == "grid"]
+        # (runs that finished: a diverged one stops at its first non-finite loss)
+        grid_seconds = [r["seconds"] for r in rs if r["role"] == "grid" and not r["diverged"]]
         row: dict[str, Any] = {
             "split": TASKS[name].split if name in TASKS else "?",
             "grid_best": best,
             "grid_best_lr": best_lr,
             "grid_points": len(grid),
             "grid_best_at_edge": best_lr in (min(grid), max(grid)),
-            "grid_runs": len(grid_seconds),
-            "grid_seconds": sum(grid_seconds),
+            "grid_runs": sum(len(v) for v in grid.values()),
+            "grid_seconds": sum(r["seconds"] for r in rs if r["role"] == "grid"),
             "methods": {},
         }
         for method in (*FREE_METHODS, "gen", "hidlr"):
@@ -359,17 +365,26 @@ RATE_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # fractions of a run at which rates a
 
 def _rates_over_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Hi-DLR's rates along its default runs: per group, the geometric mean over the seeds of
-    the rate recorded at each fraction of ``RATE_POINTS`` of the run (the nearest record, every
-    ``record_every`` steps), with the steps those records were made at."""
+    the rate recorded at each fraction of ``RATE_POINTS`` of each run (the nearest record,
+    every ``record_every`` steps), with the steps of the longest run's records. Runs that
+    diverged (and stopped early) are left out while any other ran to its end."""
     runs = [r for r in runs if r["lrs"]]
-    n = min(len(r["lrs"]) for r in runs)
-    at = [round(f * (n - 1)) for f in RATE_POINTS]
+    finished = [r for r in runs if not r["diverged"]]
+    runs = finished or runs
     groups = len(runs[0]["lrs"][0])
+
+    def at(run: dict[str, Any]) -> list[int]:
+        return [round(f * (len(run["lrs"]) - 1)) for f in RATE_POINTS]
+
     rates = [
-        [math.exp(statistics.fmean(math.log(r["lrs"][i][k]) for r in runs)) for i in at]
+        [
+            math.exp(statistics.fmean(math.log(r["lrs"][at(r)[j]][k]) for r in runs))
+            for j in range(len(RATE_POINTS))
+        ]
         for k in range(groups)
     ]
-    return {"steps": [i * RECORD_EVERY for i in at], "rates": rates}
+    longest = max(runs, key=lambda r: len(r["lrs"]))
+    return {"steps": [i * RECORD_EVERY for i in at(longest)], "rates": rates, "runs": len(runs)}
 
 
 def _headline(tasks: dict[str, Any]) -> dict[str, Any]:

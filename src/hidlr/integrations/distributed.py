@@ -111,12 +111,14 @@ def _raised_in_collective(exc: BaseException) -> bool:
     (activation checkpointing's wrapper, DTensor's sharding rules) and stays the model's."""
     if isinstance(exc, dist.DistError):
         return True
+    modules = []
     tb = exc.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
+    while tb is not None:
+        modules.append(str(tb.tb_frame.f_globals.get("__name__", "")))
         tb = tb.tb_next
-    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    # the innermost frame past torch's operator dispatch (functional collectives raise from
+    # torch.ops._c10d_functional, called by torch.distributed._functional_collectives)
+    module = next((m for m in reversed(modules) if m != "torch._ops"), "")
     last = module.rpartition(".")[2]
     return module.startswith("torch.distributed.") and (
         last == "distributed_c10d" or "collectives" in last
