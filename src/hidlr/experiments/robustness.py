@@ -373,18 +373,18 @@ def _rates_over_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
     runs = finished or runs
     groups = len(runs[0]["lrs"][0])
 
-    def at(run: dict[str, Any]) -> list[int]:
-        return [round(f * (len(run["lrs"]) - 1)) for f in RATE_POINTS]
-
+    # per run, the records nearest each fraction of its own length
+    picked = [[r["lrs"][round(f * (len(r["lrs"]) - 1))] for f in RATE_POINTS] for r in runs]
     rates = [
         [
-            math.exp(statistics.fmean(math.log(r["lrs"][at(r)[j]][k]) for r in runs))
+            math.exp(statistics.fmean(math.log(p[j][k]) for p in picked))
             for j in range(len(RATE_POINTS))
         ]
         for k in range(groups)
     ]
-    longest = max(runs, key=lambda r: len(r["lrs"]))
-    return {"steps": [i * RECORD_EVERY for i in at(longest)], "rates": rates, "runs": len(runs)}
+    n = max(len(r["lrs"]) for r in runs)
+    steps = [round(f * (n - 1)) * RECORD_EVERY for f in RATE_POINTS]
+    return {"steps": steps, "rates": rates, "runs": len(runs)}
 
 
 def _headline(tasks: dict[str, Any]) -> dict[str, Any]:

@@ -196,6 +196,7 @@ class HiDLRTrainer(Trainer):
         self.probe_batch = probe_batch
         self._lookahead: list[Any] = []
         self._lookahead_source: Any = None
+        self._probe_cache: tuple[list[Any], list[dict[str, Any]], Any] | None = None
         self.probe_fraction = check_float(
             "probe_fraction", probe_fraction, low=0.0, high=1.0, low_open=True
         )
@@ -320,6 +321,7 @@ class HiDLRTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:  # let go of the last epoch's iterator (and its worker processes)
             self._lookahead, self._lookahead_source = [], None
+            self._probe_cache = None
 
     def get_batch_samples(
         self, epoch_iterator: Any, num_batches: int, *args: Any
@@ -374,14 +376,10 @@ class HiDLRTrainer(Trainer):
             batches = batches[-1:]
         if not batches or model is None:
             raise RuntimeError("HiDLRTrainer: no batch stashed for the probe closure")
-        prepared = [
-            self._prepare_inputs(probe_subset(dict(inputs), self.probe_fraction))
-            for inputs in batches
-        ]
+        prepared, items = self._probe_inputs(batches)
         # the loss the step's gradient came from: with a token-normalised loss (a model that
         # takes num_items_in_batch, or compute_loss_func) the sum over the micro-batches of
         # each one's loss over the items of all, else the mean of their losses
-        items = self._get_num_items_in_batch(prepared, self.args.device)
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:
             scaled = (
@@ -389,13 +387,32 @@ class HiDLRTrainer(Trainer):
             ) or self.compute_loss_func is not None
         total = torch.zeros((), dtype=torch.float32)
         for inputs in prepared:
-            with self.compute_loss_context_manager():
-                out = self.compute_loss(model, inputs, num_items_in_batch=items)
+            with self.compute_loss_context_manager():  # (a copy: compute_loss may pop labels)
+                out = self.compute_loss(model, dict(inputs), num_items_in_batch=items)
             loss = out[0] if isinstance(out, tuple) else out
             if self.args.n_gpu > 1:
                 loss = loss.mean()
             total = total.to(loss.device) + loss.detach().float()
         return total if scaled else total / len(prepared)
+
+    def _probe_inputs(self, batches: list[Any]) -> tuple[list[dict[str, Any]], Any]:
+        """The probe batches on the device (each cut to ``probe_fraction``) and their count of
+        items, prepared once per probe step: every probe of a step sees the same batches
+        (the cache holds them, so their identity is not reused while it is kept)."""
+        cached = self._probe_cache
+        if (
+            cached is not None
+            and len(cached[0]) == len(batches)
+            and all(a is b for a, b in zip(cached[0], batches, strict=True))
+        ):
+            return cached[1], cached[2]
+        prepared = [
+            self._prepare_inputs(probe_subset(dict(inputs), self.probe_fraction))
+            for inputs in batches
+        ]
+        items = self._get_num_items_in_batch(prepared, self.args.device)
+        self._probe_cache = (list(batches), prepared, items)
+        return prepared, items
 
     # -- logging ---------------------------------------------------------------------------
 
