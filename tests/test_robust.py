@@ -83,8 +83,7 @@ def test_a_rate_grown_blindly_is_cut_at_once_by_the_next_fit():
     cut = robust_rate(grown.rate, grown.n_updates, accepted(0.5), 1.0, 2.0, **kw)
     assert cut.rate == 0.5
     settled = robust_rate(16.0, WARMUP_UPDATES, accepted(0.5), 1.0, 2.0, **kw)
-    # the slow average, from a proposal counted as at least a quarter of the rate: 13.9
-    assert settled.rate == pytest.approx(16.0 * 0.25**0.1)
+    assert settled.rate == pytest.approx(16.0 * (0.5 / 16.0) ** 0.1)  # 11.3: the slow average
 
 
 def test_warm_up_takes_longer_proposals_at_once_up_to_a_bound():
@@ -108,15 +107,11 @@ def test_an_overshooting_initial_rate_is_cut_at_once_only_while_warming_up():
     late = robust_rate(
         1.0, WARMUP_UPDATES, accepted(0.1), 1.0, 10.0, smoothing=0.9, probe_reach=2.0
     )
-    assert late.rate == pytest.approx(0.25**0.1)  # 0.1 counts as a quarter of the rate
+    assert late.rate == pytest.approx(0.1**0.1)
     capped = robust_rate(
         1.0, WARMUP_UPDATES, accepted(1e-6), 1.0, 1e6, smoothing=0.9, probe_reach=2.0
     )
-    assert capped.rate == pytest.approx(0.25**0.1)  # one fit pulls down at most 0.87x
-    within = robust_rate(
-        1.0, WARMUP_UPDATES, accepted(0.3), 1.0, 1 / 0.3, smoothing=0.9, probe_reach=2.0
-    )
-    assert within.rate == pytest.approx(0.3**0.1)  # above the floor: the proposal itself
+    assert capped.rate == 0.5  # after warm-up a shorter proposal moves at most 1 / growth
     mild = robust_rate(1.0, 0, accepted(0.6), 1.0, 1 / 0.6, smoothing=0.9, probe_reach=2.0)
     assert mild.rate == pytest.approx(0.6**0.1)  # not an overshoot: averaged
 
@@ -191,8 +186,7 @@ def test_groups_that_add_up_overshoot_with_the_diagonal_model_but_not_with_the_j
     rec = opt.history[0]
     assert rec.coupling_ratio == pytest.approx(0.5, rel=1e-9)  # C_diag / C for two equal steps
     assert loss().item() < 1e-12 and opt.steps == 5
-    # the factor on the diagonal rates: the Newton step along the combined direction
-    assert opt._coupling == pytest.approx(0.5, rel=1e-9)
+    assert opt.lrs == pytest.approx([0.5, 0.5])  # the Newton step along the combined direction
 
 
 @pytest.mark.parametrize("start", [1e-7, 1e-3, 0.5, 5.0])
@@ -368,94 +362,3 @@ def test_coupled_fit_is_newton_under_either_policy(policy):
     assert opt.lrs == pytest.approx([1 / 3, 1 / 3], rel=1e-10)
     assert [w1.item(), w2.item()] == pytest.approx([1 / 3, 1 / 3], rel=1e-10)
     assert opt.history[0].coupling == 1.0  # no diagonal correction on top of the solve
-
-
-def test_ascent_fraction_counts_convex_fits_only():
-    from hidlr.rates import ascent_fraction
-
-    assert ascent_fraction(0.5, rejected("not_descent"), 0.9) == pytest.approx(0.55)
-    assert ascent_fraction(0.5, accepted(2.0), 0.9) == pytest.approx(0.45)
-    assert ascent_fraction(0.5, rejected("poor_fit"), 0.9) == pytest.approx(0.45)
-    for reason in ("not_convex", "flat", "nonfinite_probe"):  # no curvature seen: no evidence
-        assert ascent_fraction(0.3, rejected(reason), 0.9) == 0.3
-    p = 0.5
-    for i in range(300):  # one ascent in four settles near 1/4
-        p = ascent_fraction(p, rejected("not_descent") if i % 4 == 0 else accepted(1.0), 0.9)
-    assert 0.2 < p < 0.3
-
-
-def test_lengthening_between_the_one_step_optimum_and_the_edge_of_stability():
-    from hidlr.rates import LENGTHEN, lengthening
-
-    assert lengthening(0.5) == lengthening(0.8) == 1.0  # pure noise: the one-step optimum
-    assert lengthening(0.0) == 1.0 + LENGTHEN  # no ascent at all
-    assert lengthening(0.25) == pytest.approx(1.0 + LENGTHEN / 2)
-    assert lengthening(0.0, strength=1.0) == 2.0  # the edge of stability along the step
-
-
-def test_proposals_are_lengthened_only_after_the_warm_up():
-    from hidlr.rates import WARMUP_UPDATES
-
-    kw = {"smoothing": 0.9, "probe_reach": 2.0, "lengthen": 1.5}
-    early = robust_rate(1.0, 0, accepted(1.2), 1.0, 1 / 1.2, **kw)
-    assert early.rate == pytest.approx(1.2)  # warming up: the proposal itself
-    later = robust_rate(1.0, WARMUP_UPDATES, accepted(1.2), 1.0, 1 / 1.2, **kw)
-    assert later.rate == pytest.approx((1.2 * 1.5) ** 0.1, rel=1e-12)
-    plain = robust_rate(
-        1.0, WARMUP_UPDATES, accepted(1.2), 1.0, 1 / 1.2, smoothing=0.9, probe_reach=2.0
-    )
-    assert plain.rate == pytest.approx(1.2**0.1, rel=1e-12)
-
-
-def test_diagonal_rates_track_ascents_and_leave_heavy_ball_groups_unlengthened():
-    from hidlr.rates import WARMUP_UPDATES, diagonal_rates
-
-    fit = fit_of([1.0, 1.0, -1.0], [1.0, 1.0, 1.0])
-    decisions = [accepted(1.0), accepted(1.0), rejected("not_descent")]
-    diag, counts, actions, ascents = diagonal_rates(
-        fit,
-        decisions,
-        [0, 1, 2],
-        [1.0, 1.0, 1.0],
-        [1.0, 1.0, 1.0],
-        [WARMUP_UPDATES] * 3,
-        [0.0, 0.0, 0.5],
-        policy="robust",
-        smoothing=0.9,
-        reach=2.0,
-        max_rate_change=None,
-        heavy_ball=[False, True, False],
-    )
-    assert ascents == pytest.approx([0.0, 0.0, 0.55])
-    assert diag[0] == pytest.approx(1.5**0.1, rel=1e-12)  # proposal 1, lengthened 1.5x
-    assert diag[1] == pytest.approx(1.0)  # heavy-ball momentum: the one-step optimum
-    assert diag[2] == pytest.approx(0.5**0.1)  # an ascent: a proposal of half the rate
-    assert actions == ["update", "update", "shrink"]
-    assert counts == [WARMUP_UPDATES + 1, WARMUP_UPDATES + 1, WARMUP_UPDATES]
-
-
-def test_heavy_ball_groups_are_recognised_and_ascents_checkpointed():
-    from hidlr.optimizer import _heavy_ball
-    from hidlr.rates import ASCENT_PRIOR
-
-    w = nn.Parameter(torch.zeros(2))
-    assert _heavy_ball(torch.optim.SGD([w], lr=0.1, momentum=0.9).param_groups[0])
-    assert not _heavy_ball(torch.optim.SGD([w], lr=0.1).param_groups[0])
-    assert not _heavy_ball(torch.optim.Adam([w], lr=0.1).param_groups[0])
-    assert _heavy_ball(torch.optim.RMSprop([w], lr=0.1, momentum=0.5).param_groups[0])
-
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64, 3, generator=gen), torch.randn(64, generator=gen)
-    v = nn.Parameter(torch.zeros(3))
-    loss = lambda: ((x @ v - y) ** 2).mean()  # noqa: E731
-    opt = hidlr.HiDLR(torch.optim.Adam([v], lr=0.01), update_every=1)
-    assert opt.param_groups[0]["hidlr_ascents"] == ASCENT_PRIOR
-    for _ in range(6):
-        opt.zero_grad()
-        loss().backward()
-        opt.step(loss)
-    seen = opt.param_groups[0]["hidlr_ascents"]
-    assert seen != ASCENT_PRIOR
-    again = hidlr.HiDLR(torch.optim.Adam([nn.Parameter(torch.zeros(3))], lr=0.01), update_every=1)
-    again.load_state_dict(opt.state_dict())
-    assert again.param_groups[0]["hidlr_ascents"] == seen

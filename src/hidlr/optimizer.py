@@ -42,7 +42,6 @@ from hidlr.fit import QuadraticFit, fit_quadratic, propose_rates
 from hidlr.history import GroupProbe, ProbeRecord
 from hidlr.influence import choose_frozen, predicted_decrease, update_influence
 from hidlr.rates import (
-    ASCENT_PRIOR,
     SPIKE_CUT,
     applied_rates,
     coupling_ratio,
@@ -109,12 +108,7 @@ class HiDLR(Optimizer):
             :func:`hidlr.rates.robust_rate`): taking shorter proposals at once annealed the
             rates far below the best constant rate. During the first four accepted fits (and
             again after a rate had to grow without a fit) it cuts an overshooting rate at once
-            and climbs by up to x1.5 per update; after that a proposal counts as at least a
-            quarter of the rate (a near-zero slope on one batch is noise, not an overshoot)
-            and, where the group's probes seldom ascend (little noise in its step), is
-            lengthened up to x1.5 toward the edge of stability, by how seldom
-            (:func:`hidlr.rates.lengthening`; not for heavy-ball momentum, whose one-step
-            optimum already lies past the stable rate). It grows a rate whose probes cannot resolve
+            and climbs by up to x1.5 per update. It grows a rate whose probes cannot resolve
             curvature, counts probes that ascend as a proposal of half the rate, halves it
             when they blow up, cuts it 10x when the loss spikes (4x its recent floor, or 4x
             the last probe step's), doubles a rate too small for the step to change the
@@ -451,7 +445,6 @@ class HiDLR(Optimizer):
         group.setdefault("hidlr_diag_lr", float(ref))
         group.setdefault("hidlr_peak_lr", float(ref))
         group.setdefault("hidlr_updates", 0)
-        group.setdefault("hidlr_ascents", ASCENT_PRIOR)
         group.setdefault("hidlr_influence", 0.0)
         group.setdefault("hidlr_probes", 0)
         group.setdefault("hidlr_frozen", False)
@@ -636,19 +629,17 @@ class HiDLR(Optimizer):
                         movers[l].move(-1.0)
             fit = self._fit(rows, values, rates)
             decisions = propose_rates(fit, min_r2=opts["min_r2"])
-            diag, counts, actions, ascents = diagonal_rates(
+            diag, counts, actions = diagonal_rates(
                 fit,
                 decisions,
                 active,
                 rates,
                 [g["hidlr_diag_lr"] for g in groups],
                 [g["hidlr_updates"] for g in groups],
-                [g.get("hidlr_ascents", ASCENT_PRIOR) for g in groups],
                 policy=opts["policy"],
                 smoothing=opts["smoothing"],
                 reach=max(abs(c) for c in opts["probe_multipliers"]),
                 max_rate_change=opts["max_rate_change"],
-                heavy_ball=[_heavy_ball(g) for g in groups],
             )
             spiked, recent = track_spikes(fit.intercept, self._recent_losses, detect=robust)
             if spiked:  # the rates (and whatever momentum they built up) are too large: cut once
@@ -704,7 +695,6 @@ class HiDLR(Optimizer):
         # commit
         for k, g in enumerate(groups):
             g["hidlr_lr"], g["hidlr_diag_lr"], g["hidlr_updates"] = new_rates[k], diag[k], counts[k]
-            g["hidlr_ascents"] = ascents[k]
             g["hidlr_peak_lr"] = max(peaks[k], new_rates[k])
             if not g["hidlr_frozen"]:
                 gain = predicted_decrease(fit.b[k], fit.A[k][k]) if k in active else 0.0
@@ -812,14 +802,6 @@ class HiDLR(Optimizer):
             logger.info(
                 "hidlr: froze group %d at step %d (influence share %.3g)", k, step, shares[k]
             )
-
-
-def _heavy_ball(group: dict[str, Any]) -> bool:
-    """Whether the base steps this group with heavy-ball momentum (SGD's or RMSprop's
-    ``momentum``), whose proposals :func:`hidlr.rates.diagonal_rates` does not lengthen.
-    Adam-type first moments (``betas``) are not: their step is normalised per coordinate."""
-    momentum = group.get("momentum", 0)
-    return isinstance(momentum, (int, float)) and momentum > 0 and "betas" not in group
 
 
 def _idle_reason(group: dict[str, Any], stalled: bool) -> str:

@@ -17,10 +17,8 @@ from hidlr.fit import QuadraticFit, RateDecision
 __all__ = [
     "RobustStep",
     "applied_rates",
-    "ascent_fraction",
     "coupling_ratio",
     "diagonal_rates",
-    "lengthening",
     "log_average",
     "robust_rate",
     "smooth_rate",
@@ -61,32 +59,6 @@ def log_average(current: float, new: float, n_before: int, smoothing: float) -> 
 
 WARMUP_UPDATES = 4  # accepted fits during which an overshooting initial rate is cut at once
 WARMUP_GROWTH = 1.5  # and a longer proposal is taken at once, up to this factor per update
-PROPOSAL_FLOOR = 0.25  # after the warm-up, a proposal counts as at least this fraction of the rate
-LENGTHEN = 0.5  # a clean group's proposals are lengthened up to 1 + LENGTHEN times
-ASCENT_PRIOR = 0.5  # a group's ascent fraction before its first convex fit: pure noise
-
-
-def ascent_fraction(current: float, decision: RateDecision, smoothing: float) -> float:
-    """An exponential average of how often a group's probes ascend along its step: updated by
-    each convex fit (``not_descent`` counts 1; ``accepted`` and ``poor_fit`` count 0) and
-    kept by fits that saw no curvature or blew up. Probes on an independent batch ascend on
-    half the probe steps when the step is pure noise, and never when it is pure signal."""
-    if decision.reason not in ("accepted", "not_descent", "poor_fit"):
-        return current
-    return smoothing * current + (1.0 - smoothing) * (decision.reason == "not_descent")
-
-
-def lengthening(ascents: float, strength: float = LENGTHEN) -> float:
-    """The factor ``1 + strength * max(0, 1 - 2 * ascents)`` on a group's accepted proposals.
-
-    The one-step optimum ``b/A`` is the best rate for one step. Where the steps are mostly
-    noise (``ascents`` near 1/2) it is also about the best the run can do, and annealing
-    toward it is right. Where they are mostly signal, the best constant rate lies further out,
-    toward the edge of stability at twice the one-step optimum along the step, and a run that
-    stays at the one-step optimum settles in sharper regions where small rates are optimal
-    (the two fixed points of the greedy rule). The factor moves between the two by the
-    measured noise: 1 at ``ascents >= 1/2``, ``1 + strength`` with no ascents."""
-    return 1.0 + strength * max(0.0, 1.0 - 2.0 * ascents)
 
 
 @dataclass(frozen=True)
@@ -110,7 +82,6 @@ def robust_rate(
     resolved: bool = True,
     growth: float = 2.0,
     shrink: float = 0.5,
-    lengthen: float = 1.0,
 ) -> RobustStep:
     """Hi-DLR's rate update with safeguards for what the fit cannot answer.
 
@@ -127,11 +98,7 @@ def robust_rate(
       current step overshoots the minimum) taken at once, and a longer one taken up to
       ``WARMUP_GROWTH`` times the rate: an initial rate far too large would otherwise blow
       the loss up while the average comes down, and one far too small would take dozens of
-      probe steps to climb. After the warm-up a proposal counts as at least
-      ``PROPOSAL_FLOOR`` times the rate (a batch whose gradient is nearly orthogonal to the step
-      gives ``b`` near 0 and a proposal 50x below the rate, which in an average of logarithms
-      pulls down as hard as a real overshoot; the upper tail is bounded by ``growth``), and is
-      then multiplied by ``lengthen`` (:func:`lengthening`);
+      probe steps to climb;
     - a poor fit whose minimiser ``b/A`` lies below the current rate still lowers it, to the
       geometric mean of the two (a shorter step is the safe side of a doubtful model);
     - probes that saw no curvature (``A <= 0``, ``|A| * probe_reach <= 0.1 b``: the loss was
@@ -149,14 +116,13 @@ def robust_rate(
     without a fit (which starts the warm-up again).
     """
     if decision.accepted:
-        proposed = decision.proposed
-        if n_updates < WARMUP_UPDATES and proposed < 0.5 * rate:
-            return RobustStep(proposed, n_updates + 1, "update")
-        if n_updates < WARMUP_UPDATES and proposed > rate:
-            return RobustStep(min(proposed, WARMUP_GROWTH * rate), n_updates + 1, "update")
-        if n_updates >= WARMUP_UPDATES:
-            proposed = max(proposed, PROPOSAL_FLOOR * rate) * lengthen
-        new = smooth_rate(rate, proposed, smoothing=smoothing, max_change=growth, space="log")
+        if n_updates < WARMUP_UPDATES and decision.proposed < 0.5 * rate:
+            return RobustStep(decision.proposed, n_updates + 1, "update")
+        if n_updates < WARMUP_UPDATES and decision.proposed > rate:
+            return RobustStep(min(decision.proposed, WARMUP_GROWTH * rate), n_updates + 1, "update")
+        new = smooth_rate(
+            rate, decision.proposed, smoothing=smoothing, max_change=growth, space="log"
+        )
         return RobustStep(new, n_updates + 1, "update")
     if decision.reason == "poor_fit" and a > 0 and b > 0 and b / a < rate:
         return RobustStep(math.sqrt(rate * b / a), n_updates, "shrink")
@@ -180,39 +146,30 @@ def diagonal_rates(
     rates: Sequence[float],
     diag: Sequence[float],
     counts: Sequence[int],
-    ascents: Sequence[float],
     *,
     policy: str,
     smoothing: float,
     reach: float,
     max_rate_change: float | None,
-    heavy_ball: Sequence[bool] = (),
-) -> tuple[list[float], list[int], list[str], list[float]]:
+) -> tuple[list[float], list[int], list[str]]:
     """Each group's own (diagonal) rate after one fit, by ``policy`` (``"robust"``:
     :func:`robust_rate`; ``"paper"``: :func:`smooth_rate` on accepted fits only).
 
-    ``rates`` are the rates the probes were placed at, ``diag``, ``counts`` and ``ascents``
-    each group's diagonal rate, count of accepted fits and :func:`ascent_fraction` before this
-    one, ``reach`` the largest probe multiplier in absolute value. Groups not in ``active``
-    keep theirs. The robust policy lengthens a group's proposals by :func:`lengthening` of its
-    ascent fraction, except for groups marked ``heavy_ball``: with heavy-ball momentum the
-    step's direction is the velocity, which goes on moving the weights for about
-    ``1 / (1 - momentum)`` steps, so the one-step optimum along it already lies past the
-    stable rate (15-40 times the best constant rate on the robustness benchmark's deep MLP).
-    ``max_rate_change`` bounds the paper policy's update here; the robust policy's rate is
-    bounded after its coupling factor and spike cuts (by the optimizer). Returns the new
-    diagonal rates, counts, actions and ascent fractions.
+    ``rates`` are the rates the probes were placed at, ``diag`` and ``counts`` each group's
+    diagonal rate and count of accepted fits before this one, ``reach`` the largest probe
+    multiplier in absolute value. Groups not in ``active`` keep theirs. ``max_rate_change``
+    bounds the paper policy's update here; the robust policy's rate is bounded after its
+    coupling factor and spike cuts (by the optimizer). Returns the new diagonal rates, counts
+    and the action taken per group.
     """
-    diag, counts, ascents = list(diag), list(counts), list(ascents)
+    diag, counts = list(diag), list(counts)
     actions = ["keep"] * len(diag)
     if policy == "paper" and not all(decisions[k].accepted for k in active):
         # Algorithm 1, line 14 (and section 3): the rates move together or not at all
-        return diag, counts, actions, ascents
+        return diag, counts, actions
     for k in active:
         dec = decisions[k]
         if policy == "robust":
-            ascents[k] = ascent_fraction(ascents[k], dec, smoothing)
-            heavy = k < len(heavy_ball) and heavy_ball[k]
             out = robust_rate(
                 diag[k],
                 counts[k],
@@ -222,7 +179,6 @@ def diagonal_rates(
                 smoothing=smoothing,
                 probe_reach=reach * rates[k],
                 resolved=not fit.spread[k] < 1e-5 * abs(fit.intercept),
-                lengthen=1.0 if heavy else lengthening(ascents[k]),
             )
             diag[k], counts[k], actions[k] = out.rate, out.n_updates, out.action
         elif dec.accepted:
@@ -231,7 +187,7 @@ def diagonal_rates(
             )
             counts[k] += 1
             actions[k] = "update"
-    return diag, counts, actions, ascents
+    return diag, counts, actions
 
 
 def coupling_ratio(fit: QuadraticFit, steps: Sequence[float], loss_at_step: float) -> float | None:
