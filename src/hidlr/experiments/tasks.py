@@ -396,8 +396,11 @@ def residual_ln(seed: int) -> Problem:
     return Problem(model, groups, *_split(x, y, 800), _mse)
 
 
-def _poisson(log_rate: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    return nn.functional.poisson_nll_loss(log_rate, counts, log_input=True)
+def _poisson_deviance(log_rate: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The mean Poisson deviance (half of it): the negative log-likelihood less its value at
+    the counts themselves, so 0 at a perfect fit and a loss ratio means what it says."""
+    saturated = torch.xlogy(counts, counts) - counts
+    return (log_rate.exp() - counts * log_rate + saturated).mean()
 
 
 def poisson_counts(seed: int) -> Problem:
@@ -408,7 +411,7 @@ def poisson_counts(seed: int) -> Problem:
     counts = torch.poisson(log_rate.exp(), generator=g)[:, None]
     torch.manual_seed(seed)
     model = MLP([d, 32, 32, 1])
-    return Problem(model, by_depth(model), *_split(x, counts, 1000), _poisson)
+    return Problem(model, by_depth(model), *_split(x, counts, 1000), _poisson_deviance)
 
 
 TASKS: dict[str, Task] = {
