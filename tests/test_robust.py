@@ -9,7 +9,7 @@ from torch import nn
 
 import hidlr
 from hidlr.fit import QuadraticFit, RateDecision
-from hidlr.rates import coupling_ratio, log_average, robust_rate, step_scale
+from hidlr.rates import RobustStep, coupling_ratio, log_average, robust_rate, step_scale
 
 F64 = torch.float64
 ACCEPT = RateDecision(0.0, True, "accepted")
@@ -362,3 +362,75 @@ def test_coupled_fit_is_newton_under_either_policy(policy):
     assert opt.lrs == pytest.approx([1 / 3, 1 / 3], rel=1e-10)
     assert [w1.item(), w2.item()] == pytest.approx([1 / 3, 1 / 3], rel=1e-10)
     assert opt.history[0].coupling == 1.0  # no diagonal correction on top of the solve
+
+
+# -- session 9: losses below zero, growth while the loss rises ---------------------------------
+
+
+def test_spikes_of_a_loss_at_or_below_zero_are_judged_by_the_recent_range():
+    from hidlr.rates import spike
+
+    recent = [-99.0, -99.5, -99.8]  # floor -99.8, range 0.8: a spike rises 3 x 0.8 above it
+    assert spike(-97.0, recent)
+    assert not spike(-97.5, recent)  # within the noise the history shows
+    assert not spike(-99.9, recent)
+    assert not spike(5.0, [-1.0, -1.0, -1.0])  # no range: nothing to judge by
+    assert not spike(5.0, [-1.0, -2.0])  # too little history
+    assert spike(float("inf"), [-1.0])
+
+
+@pytest.mark.parametrize("offset", [0.0, -1000.0])
+def test_a_jump_of_the_loss_is_a_spike_wherever_zero_lies(offset):
+    # a noisy quadratic plus a constant; at step 8 the loss jumps by 100 and stays up: a spike
+    # whether the loss is positive or far below zero (before session 9: only if positive)
+    gen = torch.Generator().manual_seed(0)
+    w = nn.Parameter(torch.zeros(2, dtype=F64))
+    shift = [offset]
+    noise = [0.0]
+    loss = lambda: ((w - 3.0) ** 2).sum() + shift[0] + noise[0]  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.05), update_every=1)
+    for step in range(12):
+        if step == 8:
+            shift[0] += 100.0
+        noise[0] = 0.1 * torch.rand((), generator=gen, dtype=F64).item()
+        opt.zero_grad()
+        loss().backward()
+        opt.step(loss)
+    actions = [rec.groups[0].action for rec in opt.history]
+    assert actions[8] == "spike" and actions.count("spike") == 1
+
+
+def test_a_rate_that_sees_no_curvature_grows_only_while_the_loss_does_not_rise():
+    kw = {"smoothing": 0.9, "probe_reach": 2.0}
+    linear = RateDecision(math.nan, False, "not_convex")
+    assert robust_rate(0.1, 3, linear, 1.0, 0.0, **kw) == RobustStep(0.2, 0, "grow")
+    assert robust_rate(0.1, 3, linear, 1.0, 0.0, rising=True, **kw) == RobustStep(0.1, 3, "keep")
+    flat = RateDecision(math.nan, False, "flat")  # (too small to resolve: the same rule)
+    assert robust_rate(0.1, 3, flat, 0.0, 0.0, resolved=False, rising=True, **kw).action == "keep"
+
+    # in the optimizer: a loss (nearly) linear along the step, shifted up between probe steps or not
+    assert _actions_on_a_linear_loss(rise=0.0) == ["grow"] * 4
+    assert _actions_on_a_linear_loss(rise=1.0) == ["grow"] + ["keep"] * 3
+
+
+def _actions_on_a_linear_loss(rise):
+    w = nn.Parameter(torch.zeros(3, dtype=F64))
+    shift = [0.0]
+    loss = lambda: -w.sum() - 1e-3 * (w**2).sum() + shift[0]  # noqa: E731 (slightly concave)
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.01), update_every=1)
+    for _ in range(4):
+        opt.zero_grad()
+        loss().backward()
+        opt.step(loss)
+        shift[0] += rise  # (each step lowers the loss by 0.03 x the rate's growth)
+    return [rec.groups[0].action for rec in opt.history]
+
+
+def test_a_loss_is_rising_above_its_last_value_and_a_margin_over_its_floor():
+    from hidlr.rates import RISE_MARGIN, rising
+
+    assert rising(1.2, [1.0, 1.1])
+    assert not rising(1.0 + 0.9 * RISE_MARGIN, [1.0, 1.02])  # a plateau's wobble
+    assert not rising(1.3, [1.0, 1.5])  # lower than the last probe step's
+    assert rising(-0.8, [-1.0, -0.9])  # the margin is of the floor's size
+    assert not rising(1.2, []) and not rising(float("nan"), [1.0])

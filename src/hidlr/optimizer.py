@@ -47,6 +47,7 @@ from hidlr.rates import (
     coupling_ratio,
     diagonal_rates,
     log_average,
+    rising,
     step_scale,
     track_spikes,
 )
@@ -109,7 +110,7 @@ class HiDLR(Optimizer):
             rates far below the best constant rate. During the first four accepted fits (and
             again after a rate had to grow without a fit) it cuts an overshooting rate at once
             and climbs by up to x1.5 per update. It grows a rate whose probes cannot resolve
-            curvature, counts probes that ascend as a proposal of half the rate, halves it
+            curvature (not while the loss rises), counts probes that ascend as a proposal of half the rate, halves it
             when they blow up, cuts it 10x when the loss spikes (4x its recent floor, or 4x
             the last probe step's), doubles a rate too small for the step to change the
             weights at all (up to the group's largest rate so far), and with two or more groups measures the combined step
@@ -640,6 +641,7 @@ class HiDLR(Optimizer):
                 smoothing=opts["smoothing"],
                 reach=max(abs(c) for c in opts["probe_multipliers"]),
                 max_rate_change=opts["max_rate_change"],
+                rising=rising(fit.intercept, self._recent_losses),
             )
             spiked, recent = track_spikes(fit.intercept, self._recent_losses, detect=robust)
             if spiked:  # the rates (and whatever momentum they built up) are too large: cut once

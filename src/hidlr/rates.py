@@ -20,6 +20,7 @@ __all__ = [
     "coupling_ratio",
     "diagonal_rates",
     "log_average",
+    "rising",
     "robust_rate",
     "smooth_rate",
     "spike",
@@ -82,6 +83,7 @@ def robust_rate(
     resolved: bool = True,
     growth: float = 2.0,
     shrink: float = 0.5,
+    rising: bool = False,
 ) -> RobustStep:
     """Hi-DLR's rate update with safeguards for what the fit cannot answer.
 
@@ -104,7 +106,12 @@ def robust_rate(
     - probes that saw no curvature (``A <= 0``, ``|A| * probe_reach <= 0.1 b``: the loss was
       linear over the probes, ``probe_reach`` being the largest probe offset in rate units)
       while descending, or whose losses differ by less than float32 can resolve
-      (``resolved=False``), mean the rate is too small to measure: it grows by ``growth``;
+      (``resolved=False``), mean the rate is too small to measure: it grows by ``growth``,
+      unless the loss rose since the last probe step (``rising``). Growth without a fit is
+      for a plateau or a rate too small to move the loss, and a rising loss is neither: with
+      momentum SGD the one-step probes along the velocity can look linear at a rate already
+      past what the dynamics bear (a Poisson regression on the robustness benchmark
+      diverged from an initial rate of 0.1 right after such a growth);
     - probes that ascend (``b <= 0``, ``A > 0``) count as a proposal of ``shrink * rate`` in
       the same average (a factor ``shrink ** (1 - smoothing)``): with probes on the next
       batch, an ascent is as often the noise of one batch as a step that is too long, and
@@ -129,6 +136,8 @@ def robust_rate(
     if not resolved or (
         decision.reason == "not_convex" and b > 0 and abs(a) * probe_reach <= 0.1 * b
     ):
+        if rising:
+            return RobustStep(rate, n_updates, "keep")
         # grown without evidence: the warm-up starts again, so the first fits that see
         # curvature can bring the rate back at once (a plateau that ends in a cliff)
         return RobustStep(rate * growth, 0, "grow")
@@ -151,13 +160,15 @@ def diagonal_rates(
     smoothing: float,
     reach: float,
     max_rate_change: float | None,
+    rising: bool = False,
 ) -> tuple[list[float], list[int], list[str]]:
     """Each group's own (diagonal) rate after one fit, by ``policy`` (``"robust"``:
     :func:`robust_rate`; ``"paper"``: :func:`smooth_rate` on accepted fits only).
 
     ``rates`` are the rates the probes were placed at, ``diag`` and ``counts`` each group's
     diagonal rate and count of accepted fits before this one, ``reach`` the largest probe
-    multiplier in absolute value. Groups not in ``active`` keep theirs. ``max_rate_change``
+    multiplier in absolute value, ``rising`` whether the loss rose since the last probe step.
+    Groups not in ``active`` keep theirs. ``max_rate_change``
     bounds the paper policy's update here; the robust policy's rate is bounded after its
     coupling factor and spike cuts (by the optimizer). Returns the new diagonal rates, counts
     and the action taken per group.
@@ -179,6 +190,7 @@ def diagonal_rates(
                 smoothing=smoothing,
                 probe_reach=reach * rates[k],
                 resolved=not fit.spread[k] < 1e-5 * abs(fit.intercept),
+                rising=rising,
             )
             diag[k], counts[k], actions[k] = out.rate, out.n_updates, out.action
         elif dec.accepted:
@@ -243,13 +255,36 @@ def spike(loss: float, recent: Sequence[float], factor: float = SPIKE_FACTOR) ->
     """Whether the unperturbed loss of this probe step is a spike: ``factor`` times the last
     probe step's, or (with three steps of history) ``factor`` times the lowest recent one,
     or not finite. The first rule also guards the probe steps just after a cut, when the
-    history starts again: a loss that keeps multiplying is cut again at once."""
+    history starts again: a loss that keeps multiplying is cut again at once.
+
+    A loss that can be zero or negative (a log-likelihood without its constant, a Gaussian
+    NLL with a learned variance) has no scale for a ratio: with three steps of history and a
+    floor at or below zero, a spike is a rise above the floor of ``factor - 1`` times the
+    recent range (highest less lowest), the ratio rule's ``factor - 1`` times the floor with
+    the range as the scale."""
     if not recent:
         return False
     if not math.isfinite(loss) or (recent[-1] > 0 and loss > factor * recent[-1]):
         return True
+    if len(recent) < 3:
+        return False
     floor = min(recent)
-    return len(recent) >= 3 and floor > 0 and loss > factor * floor
+    if floor > 0:
+        return loss > factor * floor
+    return loss - floor > (factor - 1.0) * (max(recent) - floor) > 0.0
+
+
+RISE_MARGIN = 0.1  # a rising loss sits this fraction above its recent floor (of its size)
+
+
+def rising(loss: float, recent: Sequence[float]) -> bool:
+    """Whether the loss rose: above the last probe step's and more than ``RISE_MARGIN`` of
+    the floor's size above the recent floor (so that a loss on a plateau, going up and down
+    by a little, is not rising half the time)."""
+    if not recent or not math.isfinite(loss):
+        return False
+    floor = min(recent)
+    return loss > recent[-1] and loss - floor > RISE_MARGIN * abs(floor)
 
 
 def track_spikes(
