@@ -197,14 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     rob = bench.add_parser(
-        "robustness", help="Hi-DLR vs grid search and LR-free optimizers on 12 tasks"
+        "robustness", help="Hi-DLR vs grid search and LR-free optimizers on 16 tasks"
     )
     rob.add_argument(
         "--out", default="runs/robustness", help="results folder (resumes what is there)"
     )
     rob.add_argument("--seeds", type=_positive(int), default=3, help="seeds per task (default: 3)")
     rob.add_argument(
-        "--split", choices=("all", "tune", "heldout"), default="all", help="which tasks"
+        "--split", choices=("all", "tune", "heldout", "fresh"), default="all", help="which tasks"
     )
     rob.add_argument("--tasks", nargs="*", help="task names (default: the split's)")
     rob.add_argument("--no-sweep", action="store_true", help="skip the initial-rate sweep")
