@@ -2,6 +2,7 @@
 behaviour where Algorithm 1 taken literally fails."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -434,3 +435,78 @@ def test_a_loss_is_rising_above_its_last_value_and_a_margin_over_its_floor():
     assert not rising(1.3, [1.0, 1.5])  # lower than the last probe step's
     assert rising(-0.8, [-1.0, -0.9])  # the margin is of the floor's size
     assert not rising(1.2, []) and not rising(float("nan"), [1.0])
+
+
+# -- session 9: a closure on the gradient's own batch ------------------------------------------
+
+
+def _least_squares(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 3, generator=gen, dtype=F64), torch.randn(32, generator=gen, dtype=F64)
+
+
+def test_the_slope_on_the_gradients_own_batch_comes_from_the_gradient():
+    # least squares under SGD: the step at unit rate is -g, so b on g's own batch is |g|^2;
+    # probes on that batch fit it exactly (a quadratic), probes on another fit g2 . g
+    (x, y), (x2, y2) = _least_squares(0), _least_squares(1)
+    w = nn.Parameter(torch.zeros(3, dtype=F64))
+    loss_on = lambda a, t: 0.5 * ((a @ w - t) ** 2).mean()  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1), update_every=1)
+    for probe_x, probe_y in ((x, y), (x2, y2)):
+        opt.zero_grad()
+        loss_on(x2, y2).backward()
+        g2 = w.grad.clone()
+        opt.zero_grad()
+        loss_on(x, y).backward()
+        g = w.grad.clone()
+        opt.step(lambda a=probe_x, t=probe_y: loss_on(a, t))
+        probe = opt.history[-1].groups[0]
+        assert probe.own_b == pytest.approx(g.dot(g).item(), rel=1e-12)
+        assert probe.b == pytest.approx((g if probe_x is x else g2).dot(g).item(), rel=1e-9)
+    assert opt.history[-1].groups[0].b != pytest.approx(opt.history[-1].groups[0].own_b, rel=0.1)
+
+
+def test_own_batch_agreement_is_a_running_then_exponential_average():
+    from hidlr.rates import OWN_BATCH_TOLERANCE, own_batch_agreement
+
+    assert own_batch_agreement(0.0, 0, 1.05, 1.0, 0.9) == (1.0, 1)  # within 10%: agrees
+    assert own_batch_agreement(1.0, 1, 1.2, 1.0, 0.9) == (0.5, 2)  # the mean of the two
+    assert own_batch_agreement(0.5, 3, math.nan, 1.0, 0.9) == (0.5, 3)  # not measured
+    assert own_batch_agreement(0.5, 3, 1.0, 0.0, 0.9) == (0.5, 3)
+    ratio = 1 + 0.9 * OWN_BATCH_TOLERANCE
+    assert own_batch_agreement(0.5, 20, -1.0, -1.0 / ratio, 0.9)[0] == pytest.approx(0.55)
+
+
+def _regression_run(probe_next, defer=False, steps=30):
+    gen = torch.Generator().manual_seed(3)
+    w_true = torch.randn(4, generator=gen, dtype=F64)
+    batches = []
+    for _ in range(steps + 1):
+        x = torch.randn(16, 4, generator=gen, dtype=F64)
+        batches.append((x, x @ w_true + 2.0 * torch.randn(16, generator=gen, dtype=F64)))
+    w = nn.Parameter(torch.zeros(4, dtype=F64))
+    loss_on = lambda b: ((b[0] @ w - b[1]) ** 2).mean()  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.Adam([w], lr=0.05), update_every=1, defer_probes=defer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(steps):
+            opt.zero_grad()
+            loss_on(batches[i]).backward()
+            probe = batches[i + 1] if probe_next else batches[i]
+            opt.step(lambda b=probe: loss_on(b))
+    return opt, [w for w in caught if "gradient's own batch" in str(w.message)]
+
+
+def test_a_closure_on_the_gradients_own_batch_is_warned_about_once():
+    from hidlr.optimizer import OWN_BATCH_CHECKS
+
+    opt, caught = _regression_run(probe_next=False)
+    assert len(caught) == 1 and caught[0].filename == __file__  # (the caller's line)
+    assert "with_probe_batch" in str(caught[0].message)
+    own = [g.own_b for r in opt.history for g in r.groups]
+    assert all(math.isfinite(v) for v in own[:OWN_BATCH_CHECKS])  # measured at first,
+    assert all(math.isnan(v) for v in own[OWN_BATCH_CHECKS:])  # then no more
+    for next_batch in (True, False):  # the next batch; deferred probes (on the next batch)
+        other, caught = _regression_run(probe_next=next_batch, defer=not next_batch)
+        assert caught == []
+    assert other._own_batch == (0.0, 0)  # deferred: nothing to compare (the gradient moved on)

@@ -149,6 +149,11 @@ class GroupMover:
         sharded = dtensor is not None and any(isinstance(p, dtensor) for p in params)
         self._dtensor = dtensor if sharded else None
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are DTensor shards."""
+        return self._dtensor is not None
+
     def _operands(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The tensors the arithmetic runs on: the parameters and ``w1``, or their local shards."""
         if self._dtensor is None:

@@ -37,6 +37,9 @@ class GroupProbe:
     step, ``b^2 / (2 A)`` (NaN unless the group is convex and descending). ``action`` is what
     the rate policy did (``update``, ``grow``, ``shrink``, ``keep``); ``influence`` the smoothed
     predicted decrease after this step and ``share`` its share among the unfrozen groups.
+    ``own_b`` is the slope ``b`` on the gradient's own batch, from the gradient itself (NaN
+    where it is not measured: deferred probes, sparse gradients, sharded parameters); ``b``
+    equals it when the probes see that batch.
     """
 
     group: int
@@ -52,6 +55,7 @@ class GroupProbe:
     action: str = "keep"
     influence: float = float("nan")
     share: float = float("nan")
+    own_b: float = float("nan")
 
     @classmethod
     def of(
@@ -63,6 +67,7 @@ class GroupProbe:
         reason: str,
         action: str,
         influence: tuple[float, float],
+        own_b: float = math.nan,
     ) -> GroupProbe:
         """The record of one group's fit: ``lrs`` before and after, ``fitted`` its ``(b, A,
         R^2)``, ``influence`` its smoothed influence and share after this step."""
@@ -80,6 +85,7 @@ class GroupProbe:
             reason,
             action,
             *influence,
+            own_b,
         )
 
 
