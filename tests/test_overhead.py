@@ -127,7 +127,7 @@ def test_memory_extra_of_a_probe_step_is_the_snapshot():
     # the probe step's optimizer.step holds the snapshot beside the base step or a forward,
     # plus a few small tensors (the saved RNG state, the probes' losses) and, on the first
     # probe steps, one chunk of scratch for the gradient's own slope (here the largest weight)
-    from hidlr.optimizer import STEP_DOT_CHUNK
+    from hidlr._own_batch import STEP_DOT_CHUNK
 
     scratch = min(128 * 128, STEP_DOT_CHUNK) * 4
     assert params <= m["opt_step_extra_probe"] <= params + scratch + 16 * 1024

@@ -498,7 +498,7 @@ def _regression_run(probe_next, defer=False, steps=30):
 
 
 def test_a_closure_on_the_gradients_own_batch_is_warned_about_once():
-    from hidlr.optimizer import OWN_BATCH_CHECKS
+    from hidlr._own_batch import OWN_BATCH_CHECKS
 
     opt, caught = _regression_run(probe_next=False)
     assert len(caught) == 1 and caught[0].filename == __file__  # (the caller's line)

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
-import warnings
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from types import FrameType
 from typing import Any
 
 import torch
@@ -24,6 +20,7 @@ from hidlr._checkpoint import (
     pending_to_state,
     restore_requires_grad,
 )
+from hidlr._own_batch import OWN_BATCH_CHECKS, own_batch_slopes, own_slopes, warn_own_batch
 from hidlr._probing import (
     GroupMover,
     _dtensor_class,
@@ -541,36 +538,16 @@ class HiDLR(Optimizer):
         self._steps += 1
         movers = self._movers(params, copies)
         try:
-            own = self._own_slopes(movers) if self._own_batch[1] < OWN_BATCH_CHECKS else None
+            own = (
+                own_slopes(movers, self._sharded_parameters)
+                if self._own_batch[1] < OWN_BATCH_CHECKS
+                else None
+            )
             self._probe_and_update(closure, movers, own=own)
         except BaseException:
             for mover in movers:
                 mover.reset()
             raise
-
-    def _own_slopes(self, movers: list[GroupMover]) -> list[torch.Tensor | None]:
-        """Per group, ``g . (w1 - w0)`` for the gradient ``g`` the step was made from (a float64
-        scalar on the parameters' device), measured while the parameters hold ``w0``;
-        ``None`` where it is not measured (no parameters, sparse gradients, sharded
-        parameters, whose shards would need a reduction). Divided by minus the rate, it is
-        ``b`` on the gradient's own batch."""
-        out: list[torch.Tensor | None] = []
-        for m in movers:
-            grads = [p.grad for p in m.params]
-            if (
-                not m.params
-                or self._sharded_parameters
-                or m.sharded
-                or any(g is None or g.is_sparse for g in grads)
-            ):
-                out.append(None)
-                continue
-            terms = [
-                _step_dot(g, w1, p)  # type: ignore[arg-type]
-                for g, p, w1 in zip(grads, m.params, m.w1, strict=True)
-            ]
-            out.append(torch.stack(terms).sum() if len(terms) > 1 else terms[0])
-        return out
 
     def _defer_probe_step(self) -> None:
         """The probe step's update, keeping ``w0`` for its probes at the next step."""
@@ -663,7 +640,7 @@ class HiDLR(Optimizer):
                         movers[k].move(-1.0)
                         movers[l].move(-1.0)
             fit = self._fit(rows, values, rates)
-            own_b = _own_b(own, active, used)
+            own_b = own_batch_slopes(own, active, used)
             own_batch = self._own_batch
             for k in active:
                 own_batch = own_batch_agreement(*own_batch, fit.b[k], own_b[k], opts["smoothing"])
@@ -778,24 +755,12 @@ class HiDLR(Optimizer):
         logger.debug("hidlr probe step %d: %s", record.step, record)
 
     def _warn_own_batch(self, own_batch: tuple[float, int]) -> None:
-        """Once the first ``OWN_BATCH_CHECKS`` slopes are in, warn (once) if most reproduced
-        the gradient's own: the closure evaluates the batch the gradient was computed on."""
+        """Warn once, when the first ``OWN_BATCH_CHECKS`` fits are in, if most reproduced the
+        slope of the gradient's own batch (:func:`hidlr._own_batch.warn_own_batch`)."""
         checked_before = self._own_batch[1] >= OWN_BATCH_CHECKS
         self._own_batch = own_batch
-        share, n = own_batch
-        if checked_before or n < OWN_BATCH_CHECKS or share <= 0.5:
-            return
-        warnings.warn(
-            f"HiDLR: {share:.0%} of the first {n} probe fits reproduced the slope of the "
-            "gradient's own batch: the closure seems to evaluate the batch the gradient was "
-            "computed on. Rates fitted there run long (on the robustness benchmark 3 of 16 "
-            "tasks within 5% of the best constant rate, 3 diverged runs; the next batch: 11, "
-            "none). Probe the next batch (hidlr.with_probe_batch) or pass defer_probes=True; "
-            "in full-batch training, where every step sees all the data, this is expected and "
-            "the warning can be ignored",
-            UserWarning,
-            stacklevel=_outside_stacklevel(),
-        )
+        if not checked_before:
+            warn_own_batch(*own_batch)
 
     def _fit(
         self, rows: list[dict[int, float]], values: list[torch.Tensor], rates: list[float]
@@ -864,49 +829,6 @@ class HiDLR(Optimizer):
             logger.info(
                 "hidlr: froze group %d at step %d (influence share %.3g)", k, step, shares[k]
             )
-
-
-def _outside_stacklevel() -> int:
-    """The ``warnings`` stacklevel, seen from the caller of this function, of the first frame
-    outside hidlr and torch (the user's call of ``step``, through whatever wrappers)."""
-    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
-    frame: FrameType | None = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-STEP_DOT_CHUNK = 1 << 16  # elements: the scratch memory of _step_dot (256 KB in float32)
-
-
-def _step_dot(g: torch.Tensor, w1: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
-    """``g . (w1 - w0)`` as a float64 scalar, a chunk at a time: no more scratch memory than
-    one chunk, beside the snapshot every probe step holds."""
-    gf, w1f, w0f = g.reshape(-1), w1.reshape(-1), w0.reshape(-1)
-    total = torch.zeros((), dtype=torch.float64, device=g.device)
-    for i in range(0, gf.numel(), STEP_DOT_CHUNK):
-        j = i + STEP_DOT_CHUNK
-        total += (w1f[i:j] - w0f[i:j]).mul_(gf[i:j]).sum()  # (dtype=float64 would copy)
-    return total
-
-
-OWN_BATCH_CHECKS = 16  # fitted slopes compared with the gradient's own before the warning
-
-
-def _own_b(
-    own: list[torch.Tensor | None] | None, active: list[int], used: list[float]
-) -> list[float]:
-    """``b`` on the gradient's own batch per group (NaN where not measured or not probed)."""
-    out = [math.nan] * len(used)
-    if own is None:
-        return out
-    measured = [k for k in active if own[k] is not None and used[k] > 0]
-    if measured:
-        slopes = torch.stack([own[k].to("cpu") for k in measured]).tolist()  # type: ignore[union-attr]
-        for k, s in zip(measured, slopes, strict=True):
-            out[k] = -s / used[k]
-    return out
 
 
 def _idle_reason(group: dict[str, Any], stalled: bool) -> str:
