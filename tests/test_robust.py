@@ -466,15 +466,21 @@ def test_the_slope_on_the_gradients_own_batch_comes_from_the_gradient():
     assert opt.history[-1].groups[0].b != pytest.approx(opt.history[-1].groups[0].own_b, rel=0.1)
 
 
-def test_own_batch_agreement_is_a_running_then_exponential_average():
-    from hidlr.rates import OWN_BATCH_TOLERANCE, own_batch_agreement
+def test_a_fitted_slope_reproduces_the_gradients_own_within_the_tolerance():
+    from hidlr._own_batch import OWN_BATCH_TOLERANCE, reproduces_own_slope, warn_own_batch
 
-    assert own_batch_agreement(0.0, 0, 1.05, 1.0, 0.9) == (1.0, 1)  # within 10%: agrees
-    assert own_batch_agreement(1.0, 1, 1.2, 1.0, 0.9) == (0.5, 2)  # the mean of the two
-    assert own_batch_agreement(0.5, 3, math.nan, 1.0, 0.9) == (0.5, 3)  # not measured
-    assert own_batch_agreement(0.5, 3, 1.0, 0.0, 0.9) == (0.5, 3)
-    ratio = 1 + 0.9 * OWN_BATCH_TOLERANCE
-    assert own_batch_agreement(0.5, 20, -1.0, -1.0 / ratio, 0.9)[0] == pytest.approx(0.55)
+    assert reproduces_own_slope(1.05, 1.0) is True
+    assert reproduces_own_slope(1.2, 1.0) is False
+    assert reproduces_own_slope(-1.0, -1.0 / (1 + 0.9 * OWN_BATCH_TOLERANCE)) is True
+    assert reproduces_own_slope(-1.0, 1.0) is False
+    assert reproduces_own_slope(math.nan, 1.0) is None  # not measured
+    assert reproduces_own_slope(1.0, 0.0) is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_own_batch(8, 16)  # half: no warning
+        warn_own_batch(15, 15)  # too few compared
+        warn_own_batch(9, 16)
+    assert len(caught) == 1 and "56% of the first 16 probe fits" in str(caught[0].message)
 
 
 def _regression_run(probe_next, defer=False, steps=30):
@@ -509,4 +515,4 @@ def test_a_closure_on_the_gradients_own_batch_is_warned_about_once():
     for next_batch in (True, False):  # the next batch; deferred probes (on the next batch)
         other, caught = _regression_run(probe_next=next_batch, defer=not next_batch)
         assert caught == []
-    assert other._own_batch == (0.0, 0)  # deferred: nothing to compare (the gradient moved on)
+    assert other._own_batch == (0, 0)  # deferred: nothing to compare (the gradient moved on)

@@ -20,7 +20,13 @@ from hidlr._checkpoint import (
     pending_to_state,
     restore_requires_grad,
 )
-from hidlr._own_batch import OWN_BATCH_CHECKS, own_batch_slopes, own_slopes, warn_own_batch
+from hidlr._own_batch import (
+    OWN_BATCH_CHECKS,
+    own_batch_slopes,
+    own_slopes,
+    reproduces_own_slope,
+    warn_own_batch,
+)
 from hidlr._probing import (
     GroupMover,
     _dtensor_class,
@@ -48,7 +54,6 @@ from hidlr.rates import (
     coupling_ratio,
     diagonal_rates,
     log_average,
-    own_batch_agreement,
     rising,
     step_scale,
     track_spikes,
@@ -216,9 +221,9 @@ class HiDLR(Optimizer):
         self._coupling = 1.0
         self._coupling_updates = 0
         self._recent_losses: list[float] = []  # fitted unperturbed losses of recent probe steps
-        # how often the first probe steps' slopes reproduce the gradient's own (a closure on
-        # the gradient's own batch is warned about once)
-        self._own_batch: tuple[float, int] = (0.0, 0)
+        # of the first probe fits compared with the gradient's own slope, how many reproduced
+        # it (a closure on the gradient's own batch is warned about once) and how many in all
+        self._own_batch: tuple[int, int] = (0, 0)
         self._pending: Pending | None = None  # a deferred probe step's snapshot
         self._history: deque[ProbeRecord] = deque(
             maxlen=check_int("history_size", history_size, minimum=0)
@@ -641,9 +646,11 @@ class HiDLR(Optimizer):
                         movers[l].move(-1.0)
             fit = self._fit(rows, values, rates)
             own_b = own_batch_slopes(own, active, used)
-            own_batch = self._own_batch
+            agreed, compared = self._own_batch
             for k in active:
-                own_batch = own_batch_agreement(*own_batch, fit.b[k], own_b[k], opts["smoothing"])
+                same = reproduces_own_slope(fit.b[k], own_b[k])
+                if same is not None:
+                    agreed, compared = agreed + same, compared + 1
             decisions = propose_rates(fit, min_r2=opts["min_r2"])
             diag, counts, actions = diagonal_rates(
                 fit,
@@ -721,7 +728,7 @@ class HiDLR(Optimizer):
                 g["hidlr_probes"] += 1
         self._coupling, self._coupling_updates = coupling, n_coupling
         self._recent_losses = recent
-        self._warn_own_batch(own_batch)
+        self._warn_own_batch((agreed, compared))
         shares = self.influence_share
         records = []
         for k, g in enumerate(groups):
@@ -754,7 +761,7 @@ class HiDLR(Optimizer):
         self._maybe_freeze(record.step)
         logger.debug("hidlr probe step %d: %s", record.step, record)
 
-    def _warn_own_batch(self, own_batch: tuple[float, int]) -> None:
+    def _warn_own_batch(self, own_batch: tuple[int, int]) -> None:
         """Warn once, when the first ``OWN_BATCH_CHECKS`` fits are in, if most reproduced the
         slope of the gradient's own batch (:func:`hidlr._own_batch.warn_own_batch`)."""
         checked_before = self._own_batch[1] >= OWN_BATCH_CHECKS

@@ -20,7 +20,6 @@ __all__ = [
     "coupling_ratio",
     "diagonal_rates",
     "log_average",
-    "own_batch_agreement",
     "rising",
     "robust_rate",
     "smooth_rate",
@@ -286,28 +285,6 @@ def rising(loss: float, recent: Sequence[float]) -> bool:
         return False
     floor = min(recent)
     return loss > recent[-1] and loss - floor > RISE_MARGIN * abs(floor)
-
-
-OWN_BATCH_TOLERANCE = 0.1  # a fitted slope within 10% of the gradient's own reproduces it
-
-
-def own_batch_agreement(
-    current: float, n_before: int, b: float, own_b: float, smoothing: float
-) -> tuple[float, int]:
-    """How often fitted slopes ``b`` reproduce ``own_b``, the slope the gradient itself gives
-    on its own batch (within ``OWN_BATCH_TOLERANCE``): a running mean over the first
-    ``1 / (1 - smoothing)`` measurements, an exponential average after. Returns the new
-    average and count; a measurement without both slopes leaves them.
-
-    Probes on the gradient's own batch reproduce it up to the loss's higher-order terms (on
-    the robustness benchmark 59-100% of probe steps agree, in the median within 0.1%);
-    probes on another batch see that batch's gradient, and 2-16% agree by chance.
-    """
-    if not (math.isfinite(b) and math.isfinite(own_b)) or own_b == 0.0:
-        return current, n_before
-    agrees = abs(b / own_b - 1.0) <= OWN_BATCH_TOLERANCE
-    weight = max(1.0 - smoothing, 1.0 / (n_before + 1))
-    return (1.0 - weight) * current + weight * agrees, n_before + 1
 
 
 def track_spikes(
