@@ -15,8 +15,6 @@ from hidlr._probing import GroupMover
 
 OWN_BATCH_CHECKS = 16  # fitted slopes compared with the gradient's own before the warning
 STEP_DOT_CHUNK = 1 << 16  # elements: the scratch memory of step_dot (256 KB in float32)
-
-
 OWN_BATCH_TOLERANCE = 0.1  # a fitted slope within 10% of the gradient's own reproduces it
 
 
@@ -71,7 +69,8 @@ def own_batch_slopes(
         return out
     measured = [k for k in active if own[k] is not None and used[k] > 0]
     if measured:
-        slopes = torch.stack([own[k].to("cpu") for k in measured]).tolist()  # type: ignore[union-attr]
+        device = own[measured[0]].device  # type: ignore[union-attr]
+        slopes = torch.stack([own[k].to(device) for k in measured]).tolist()  # type: ignore[union-attr]
         for k, s in zip(measured, slopes, strict=True):
             out[k] = -s / used[k]
     return out
