@@ -204,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rob.add_argument("--seeds", type=_positive(int), default=3, help="seeds per task (default: 3)")
     rob.add_argument(
-        "--split", choices=("all", "tune", "heldout", "fresh"), default="all", help="which tasks"
+        "--split",
+        choices=("all", "tune", "heldout", "fresh", "unseen"),
+        default="all",
+        help="which tasks",
     )
     rob.add_argument("--tasks", nargs="*", help="task names (default: the split's)")
     rob.add_argument("--no-sweep", action="store_true", help="skip the initial-rate sweep")
