@@ -536,7 +536,8 @@ def test_train_run_probes_the_chosen_batch(monkeypatch, probe_batch):
         task.grid[3],
         probe_batch=probe_batch,
         steps=6,
-        hidlr_options={"update_every": 4},
+        # (on the gradient's own batch the default would look at the next step's closure once)
+        hidlr_options={"update_every": 4, "on_own_batch": "warn"},
     )
     n = task.problem(0).train[0].shape[0]
     batches = training._batches(n, task.batch_size, 6, 1000)

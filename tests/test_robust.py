@@ -389,7 +389,8 @@ def test_a_jump_of_the_loss_is_a_spike_wherever_zero_lies(offset):
     shift = [offset]
     noise = [0.0]
     loss = lambda: ((w - 3.0) ** 2).sum() + shift[0] + noise[0]  # noqa: E731
-    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.05), update_every=1)
+    # (the closure is the gradient's own loss: on_own_batch="warn" keeps the probes on it)
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.05), update_every=1, on_own_batch="warn")
     for step in range(12):
         if step == 8:
             shift[0] += 100.0
@@ -467,7 +468,7 @@ def test_the_slope_on_the_gradients_own_batch_comes_from_the_gradient():
 
 
 def test_a_fitted_slope_reproduces_the_gradients_own_within_the_tolerance():
-    from hidlr._own_batch import OWN_BATCH_TOLERANCE, reproduces_own_slope, warn_own_batch
+    from hidlr._own_batch import OWN_BATCH_TOLERANCE, own_batch_found, reproduces_own_slope
 
     assert reproduces_own_slope(1.05, 1.0) is True
     assert reproduces_own_slope(1.2, 1.0) is False
@@ -475,15 +476,60 @@ def test_a_fitted_slope_reproduces_the_gradients_own_within_the_tolerance():
     assert reproduces_own_slope(-1.0, 1.0) is False
     assert reproduces_own_slope(math.nan, 1.0) is None  # not measured
     assert reproduces_own_slope(1.0, 0.0) is None
+    # at least 4 agreeing fits, and a majority of those compared
+    assert own_batch_found(4, 4) and own_batch_found(4, 7) and own_batch_found(9, 16)
+    assert not own_batch_found(3, 3) and not own_batch_found(4, 8) and not own_batch_found(8, 16)
+
+
+def _regression_run(probe, steps=30, update_every=1, gate=False, batch=16, **options):
+    """Adam on least squares with ``batch`` examples per step; the closure evaluates
+    ``probe``: "next" (the next batch), "own" (the gradient's), "full" (every step trains and
+    probes all the data). ``gate``: the loop passes the closure only when ``needs_closure()``."""
+    gen = torch.Generator().manual_seed(3)
+    w_true = torch.randn(4, generator=gen, dtype=F64)
+    batches = []
+    for _ in range(steps + 1):
+        x = torch.randn(batch, 4, generator=gen, dtype=F64)
+        batches.append((x, x @ w_true + 2.0 * torch.randn(batch, generator=gen, dtype=F64)))
+    if probe == "full":
+        whole = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+        batches = [whole] * (steps + 1)
+    w = nn.Parameter(torch.zeros(4, dtype=F64))
+    loss_on = lambda b: ((b[0] @ w - b[1]) ** 2).mean()  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.Adam([w], lr=0.05), update_every=update_every, **options)
+    weights = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_own_batch(8, 16)  # half: no warning
-        warn_own_batch(15, 15)  # too few compared
-        warn_own_batch(9, 16)
-    assert len(caught) == 1 and "56% of the first 16 probe fits" in str(caught[0].message)
+        for i in range(steps):
+            opt.zero_grad()
+            loss_on(batches[i]).backward()
+            closure = lambda b=batches[i + 1 if probe == "next" else i]: loss_on(b)  # noqa: E731
+            opt.step(closure if opt.needs_closure() or not gate else None)
+            weights.append(w.detach().clone())
+    return opt, [w for w in caught if "gradient's own batch" in str(w.message)], weights
 
 
-def _regression_run(probe_next, defer=False, steps=30):
+def test_a_closure_on_the_gradients_own_batch_switches_to_deferred_probes():
+    from hidlr._own_batch import OWN_BATCH_EVIDENCE
+
+    opt, caught, weights = _regression_run("own")
+    assert len(caught) == 1 and caught[0].filename == __file__  # (the caller's line)
+    assert "defers its probes" in str(caught[0].message)
+    assert opt.options["defer_probes"] is True
+    own = [g.own_b for r in opt.history for g in r.groups]
+    assert all(math.isfinite(v) for v in own[:OWN_BATCH_EVIDENCE])  # measured until found,
+    assert all(math.isnan(v) for v in own[OWN_BATCH_EVIDENCE:])  # then no more
+    # the same as switching defer_probes on by hand before the step after the one that decided
+    # (which compared the two closures' losses), and not the same as never switching
+    manual = _replay_switching_at(OWN_BATCH_EVIDENCE)
+    never = _replay_switching_at(None)
+    assert all(torch.equal(a, b) for a, b in zip(manual, weights, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(never, weights, strict=True))
+
+
+def _replay_switching_at(switch_step, steps=30):
+    """:func:`_regression_run` on the gradient's own batch with ``on_own_batch="warn"``,
+    ``defer_probes`` switched on by hand before step ``switch_step``; the weights per step."""
     gen = torch.Generator().manual_seed(3)
     w_true = torch.randn(4, generator=gen, dtype=F64)
     batches = []
@@ -492,27 +538,99 @@ def _regression_run(probe_next, defer=False, steps=30):
         batches.append((x, x @ w_true + 2.0 * torch.randn(16, generator=gen, dtype=F64)))
     w = nn.Parameter(torch.zeros(4, dtype=F64))
     loss_on = lambda b: ((b[0] @ w - b[1]) ** 2).mean()  # noqa: E731
-    opt = hidlr.HiDLR(torch.optim.Adam([w], lr=0.05), update_every=1, defer_probes=defer)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    opt = hidlr.HiDLR(torch.optim.Adam([w], lr=0.05), update_every=1, on_own_batch="warn")
+    weights = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         for i in range(steps):
+            if i == switch_step:
+                opt.options["defer_probes"] = True
             opt.zero_grad()
             loss_on(batches[i]).backward()
-            probe = batches[i + 1] if probe_next else batches[i]
-            opt.step(lambda b=probe: loss_on(b))
-    return opt, [w for w in caught if "gradient's own batch" in str(w.message)]
+            opt.step(lambda b=batches[i]: loss_on(b))
+            weights.append(w.detach().clone())
+    return weights
 
 
-def test_a_closure_on_the_gradients_own_batch_is_warned_about_once():
-    from hidlr._own_batch import OWN_BATCH_CHECKS
+def test_own_batch_probes_only_warn_where_deferring_is_not_possible_or_not_wanted():
+    for kwargs in (
+        {"on_own_batch": "warn"},  # not wanted
+        {"update_every": 4, "gate": True},  # the loop passes a closure only when asked
+    ):
+        opt, caught, _ = _regression_run("own", steps=60, **kwargs)
+        assert len(caught) == 1 and "with_probe_batch" in str(caught[0].message), kwargs
+        assert "defers" not in str(caught[0].message)
+        assert opt.options["defer_probes"] is False
+    # a loop that passes its closure at every step, with probe steps every 4: it defers
+    opt, caught, _ = _regression_run("own", steps=60, update_every=4)
+    assert len(caught) == 1 and opt.options["defer_probes"] is True
+    with pytest.raises(ValueError, match="on_own_batch must be one of"):
+        hidlr.HiDLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), on_own_batch="x")
 
-    opt, caught = _regression_run(probe_next=False)
-    assert len(caught) == 1 and caught[0].filename == __file__  # (the caller's line)
-    assert "with_probe_batch" in str(caught[0].message)
-    own = [g.own_b for r in opt.history for g in r.groups]
-    assert all(math.isfinite(v) for v in own[:OWN_BATCH_CHECKS])  # measured at first,
-    assert all(math.isnan(v) for v in own[OWN_BATCH_CHECKS:])  # then no more
-    for next_batch in (True, False):  # the next batch; deferred probes (on the next batch)
-        other, caught = _regression_run(probe_next=next_batch, defer=not next_batch)
-        assert caught == []
-    assert other._own_batch == (0, 0)  # deferred: nothing to compare (the gradient moved on)
+
+def test_full_batch_training_keeps_its_probes_and_says_nothing():
+    # every step sees all the data: the fits reproduce the gradient's slope by design, and the
+    # next step's closure gives the probe step's loss at the same weights
+    auto, caught, weights = _regression_run("full")
+    assert caught == [] and auto.options["defer_probes"] is False
+    _, caught, same = _regression_run("full", on_own_batch="warn")
+    assert len(caught) == 1  # (it cannot tell full-batch training without looking)
+    assert all(torch.equal(a, b) for a, b in zip(weights, same, strict=True))
+
+
+def test_probes_on_the_next_batch_or_deferred_are_not_acted_on():
+    for kwargs in ({}, {"defer_probes": True}):
+        probe = "next" if not kwargs else "own"  # deferred: the next step's batch
+        opt, caught, _ = _regression_run(probe, **kwargs)
+        assert caught == [] and opt.options["defer_probes"] is bool(kwargs)
+    assert opt._own_batch == (0, 0)  # deferred: nothing to compare (the gradient moved on)
+
+
+def test_a_closure_that_raises_while_confirming_changes_nothing():
+    from hidlr._own_batch import OWN_BATCH_EVIDENCE
+
+    _, _, weights = _regression_run("own", steps=OWN_BATCH_EVIDENCE)  # found; to confirm
+    opt, _, _ = _regression_run("own", steps=OWN_BATCH_EVIDENCE)
+    assert opt._own_batch_closure is not None
+    w = opt.param_groups[0]["params"][0]
+    state = {k: v.clone() for k, v in opt.optimizer.state[w].items()}
+    w.grad = torch.ones_like(w)
+    calls = []
+
+    def broken():  # the second call (this step's closure after the probe step's) fails
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("data loader failed")
+        return (w**2).sum()
+
+    opt._own_batch_closure = broken
+    with pytest.raises(RuntimeError, match="data loader failed"):
+        opt.step(broken)
+    assert torch.equal(w.detach(), weights[-1]) and opt.steps == OWN_BATCH_EVIDENCE
+    assert all(torch.equal(v, opt.optimizer.state[w][k]) for k, v in state.items())
+    assert opt.options["defer_probes"] is False and opt._own_batch_closure is None
+
+
+def test_next_batch_probes_that_look_like_the_gradients_own_are_told_apart(monkeypatch):
+    # a loose tolerance makes the fits on the next batch look like the gradient's own (as a
+    # batch with little noise can); the next step's gradient tells them apart (the probe
+    # step's closure held the batch it trains on)
+    import hidlr._own_batch as own_batch
+
+    monkeypatch.setattr(own_batch, "OWN_BATCH_TOLERANCE", 0.9)
+    opt, caught, _ = _regression_run("next", steps=12)
+    assert own_batch.own_batch_found(*opt._own_batch)  # found by the fits
+    assert caught == [] and opt.options["defer_probes"] is False
+    own, caught, _ = _regression_run("own", steps=12)
+    assert len(caught) == 1 and own.options["defer_probes"] is True
+
+
+def test_a_checkpoint_from_before_an_option_existed_keeps_the_constructors_value():
+    w = nn.Parameter(torch.zeros(2))
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1), on_own_batch="warn")
+    state = opt.state_dict()
+    del state["hidlr"]["options"]["on_own_batch"]  # (saved before session 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(state)
+    assert opt.options["on_own_batch"] == "warn"

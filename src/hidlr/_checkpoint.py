@@ -66,8 +66,9 @@ def pending_from_state(
 
 def checkpoint_options(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
     """The options a checkpoint brings; they replace ``current`` (as torch's optimizers take
-    their hyperparameters from a checkpoint), with a warning naming those that differ."""
-    options = dict(saved)
+    their hyperparameters from a checkpoint), with a warning naming those that differ. An
+    option the checkpoint predates keeps its ``current`` value."""
+    options = {**current, **saved}
     options["probe_multipliers"] = check_multipliers(options["probe_multipliers"])
     changed = sorted(k for k in options.keys() | current.keys() if options.get(k) != current.get(k))
     if changed:

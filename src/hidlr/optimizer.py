@@ -22,6 +22,9 @@ from hidlr._checkpoint import (
 )
 from hidlr._own_batch import (
     OWN_BATCH_CHECKS,
+    OWN_BATCH_STEP,
+    SAME_DATA_TOLERANCE,
+    own_batch_found,
     own_batch_slopes,
     own_slopes,
     reproduces_own_slope,
@@ -139,6 +142,11 @@ class HiDLR(Optimizer):
             probe step's own update, and the one extra copy of the trainable parameters is held
             from the probe step to the next (it is part of :meth:`state_dict` meanwhile).
             Not with :class:`~hidlr.integrations.distributed.DistributedHiDLR`.
+        on_own_batch: what to do when the closure evaluates the gradient's own batch (the
+            first probe fits reproduce the slope the gradient itself gives along the step; see
+            the README): ``"defer"`` (default) switches ``defer_probes`` on from the next probe
+            step, where the loop passes a closure at every step (it has passed one to a step
+            that needed none, or every step probes), and warns; ``"warn"`` only warns.
 
     Learning-rate schedulers: attach them to this optimizer (or the base one; they share
     param groups). A group's rate used at a step is ``lrs[k] * lr / ref``: the scheduler's
@@ -162,6 +170,7 @@ class HiDLR(Optimizer):
     """
 
     _sharded_parameters = False  # DTensor shards need a subclass that reduces across ranks
+    _defers_on_own_batch = True  # whether on_own_batch="defer" may switch defer_probes on
 
     def __init__(
         self,
@@ -179,6 +188,7 @@ class HiDLR(Optimizer):
         freeze_warmup: int = 10,
         history_size: int = 1000,
         defer_probes: bool = False,
+        on_own_batch: str = "defer",
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, HiDLR):
             raise TypeError(
@@ -212,6 +222,7 @@ class HiDLR(Optimizer):
             else check_int("freeze_budget", freeze_budget, minimum=1),
             "freeze_warmup": check_int("freeze_warmup", freeze_warmup, minimum=0),
             "defer_probes": check_bool("defer_probes", defer_probes),
+            "on_own_batch": check_choice("on_own_batch", on_own_batch, ("defer", "warn")),
         }
         self.defaults = optimizer.defaults
         for name in HOOKS:
@@ -222,8 +233,12 @@ class HiDLR(Optimizer):
         self._coupling_updates = 0
         self._recent_losses: list[float] = []  # fitted unperturbed losses of recent probe steps
         # of the first probe fits compared with the gradient's own slope, how many reproduced
-        # it (a closure on the gradient's own batch is warned about once) and how many in all
+        # it (a closure on the gradient's own batch is acted on once) and how many in all
         self._own_batch: tuple[int, int] = (0, 0)
+        # once the fits say so: the probe step's closure, which the next step's gradient tells
+        # apart from the gradient's own batch (:meth:`_confirm_own_batch`)
+        self._own_batch_closure: Closure | None = None
+        self._confirm_next = False
         self._pending: Pending | None = None  # a deferred probe step's snapshot
         self._history: deque[ProbeRecord] = deque(
             maxlen=check_int("history_size", history_size, minimum=0)
@@ -498,6 +513,8 @@ class HiDLR(Optimizer):
                 f"closure must be a callable returning the loss on {when}; pass e.g. "
                 "closure=lambda: loss_fn(model(x), y)"
             )
+        if self._own_batch_closure is not None:
+            self._confirm_own_batch(closure)
         if self._pending is not None:
             self._resolve_pending(closure)  # type: ignore[arg-type]
         if not self.is_probe_step():
@@ -545,7 +562,7 @@ class HiDLR(Optimizer):
         try:
             own = (
                 own_slopes(movers, self._sharded_parameters)
-                if self._own_batch[1] < OWN_BATCH_CHECKS
+                if self._own_batch[1] < OWN_BATCH_CHECKS and not own_batch_found(*self._own_batch)
                 else None
             )
             self._probe_and_update(closure, movers, own=own)
@@ -553,6 +570,8 @@ class HiDLR(Optimizer):
             for mover in movers:
                 mover.reset()
             raise
+        if self._confirm_next:
+            self._confirm_next, self._own_batch_closure = False, closure
 
     def _defer_probe_step(self) -> None:
         """The probe step's update, keeping ``w0`` for its probes at the next step."""
@@ -762,12 +781,71 @@ class HiDLR(Optimizer):
         logger.debug("hidlr probe step %d: %s", record.step, record)
 
     def _warn_own_batch(self, own_batch: tuple[int, int]) -> None:
-        """Warn once, when the first ``OWN_BATCH_CHECKS`` fits are in, if most reproduced the
-        slope of the gradient's own batch (:func:`hidlr._own_batch.warn_own_batch`)."""
-        checked_before = self._own_batch[1] >= OWN_BATCH_CHECKS
+        """Act once, when the fits compared so far say the closure evaluates the gradient's
+        own batch (:func:`hidlr._own_batch.own_batch_found`). With ``on_own_batch="defer"``
+        (and a class that supports deferred probes) the next step confirms it
+        (:meth:`_confirm_own_batch`); otherwise warn now."""
+        found_before = own_batch_found(*self._own_batch)
         self._own_batch = own_batch
-        if not checked_before:
-            warn_own_batch(*own_batch)
+        if found_before or not own_batch_found(*own_batch):
+            return
+        opts = self.options
+        self._confirm_next = (
+            opts.get("on_own_batch", "defer") == "defer"
+            and not opts.get("defer_probes", False)
+            and self._defers_on_own_batch
+        )
+        if not self._confirm_next:
+            warn_own_batch(*own_batch, deferring=False)
+
+    def _confirm_own_batch(self, closure: Closure | None) -> None:
+        """At the step after the fits found the gradient's own batch, with that probe step's
+        closure (``before``) and this step's (``now``): which of the two has this step's
+        gradient ``g`` as its own? Each one's slope along ``-g`` (a difference of its loss
+        at the current weights and a small step down ``g``, two forward passes each) is set
+        against ``|g|^2``, the slope of the gradient's own batch. ``now`` closer: the closure
+        evaluates each step's own batch; defer the probes from now on, and warn. ``before``
+        closer: it held the batch this step trains on (the next batch, whose slope was close
+        to the gradient's by chance or by low noise); nothing changes, nothing is said. Both
+        losses equal: one data set every step (full-batch training, where probing it is
+        right); nothing changes. No closure now (the loop passes one only when
+        :meth:`needs_closure`; deferred probes need one at the step after a probe step) or
+        nothing to measure: warn only."""
+        before, self._own_batch_closure = self._own_batch_closure, None
+        found = self._own_batch
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        if not callable(closure) or not params or any(g.is_sparse for g in grads):  # type: ignore[union-attr]
+            warn_own_batch(*found, deferring=False)
+            return
+        assert before is not None
+        own = sum(float(n) ** 2 for n in torch._foreach_norm(grads))  # type: ignore[arg-type]
+        copies = snapshot(params)
+        devices = list({p.device for p in params})
+        with probe_context(devices) as (rng, guard):
+
+            def loss(fn: Closure) -> float:
+                rng.replay()
+                value = _scalar_loss(fn()).item()
+                guard.restore()
+                return value
+
+            try:
+                at = [loss(before), loss(closure)]
+                h = OWN_BATCH_STEP * abs(at[1]) / own if own > 0 else 0.0
+                torch._foreach_add_(params, grads, alpha=-h)  # type: ignore[arg-type]
+                down = [loss(before), loss(closure)]
+            finally:
+                torch._foreach_copy_(params, copies)
+        if not all(map(math.isfinite, at + down)) or h == 0.0:
+            warn_own_batch(*found, deferring=False)  # no telling
+            return
+        if abs(at[0] - at[1]) <= SAME_DATA_TOLERANCE * abs(at[1]):
+            return
+        off = [abs((a - d) / h - own) for a, d in zip(at, down, strict=True)]
+        if off[1] < off[0]:
+            self.options["defer_probes"] = True
+            warn_own_batch(*found, deferring=True)
 
     def _fit(
         self, rows: list[dict[int, float]], values: list[torch.Tensor], rates: list[float]

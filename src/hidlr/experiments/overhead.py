@@ -19,7 +19,9 @@ repeats of those paired ratios. Python's garbage collector is off inside an arm.
 
 Parameter groups for K: the model's parameter tensors, in ``model.parameters()`` order, are
 split into K contiguous groups of near-equal count (layer-wise blocks); the base optimizer gets
-the same K groups, so K changes only what HiDLR does. All three models have at least 40
+the same K groups, so K changes only what HiDLR does. The closures evaluate the batch the step
+trains on (this measures cost, not rates): every HiDLR here has ``on_own_batch="warn"``, so
+its probe steps stay what is timed instead of turning into deferred probes. All three models have at least 40
 tensors (20 linear layers; 3 encoder layers; 10 conv-BatchNorm blocks), so K = 40 needs no
 splitting of tensors.
 
@@ -93,7 +95,7 @@ def _time_config(
     arms = [
         _Arm(
             "hidlr",
-            HiDLR(make_base(base, groups), update_every=phi, policy=policy),
+            HiDLR(make_base(base, groups), update_every=phi, policy=policy, on_own_batch="warn"),
             policy=policy,
             phi=phi,
             calls=phi,
@@ -180,7 +182,16 @@ def _table4(
                 raise ValueError(f"an epoch of {epoch} batches is not a whole number of Phi={phi}")
             for policy in policies:
                 arms.append(
-                    (phi, policy, HiDLR(make_base(base, groups), update_every=phi, policy=policy))
+                    (
+                        phi,
+                        policy,
+                        HiDLR(
+                            make_base(base, groups),
+                            update_every=phi,
+                            policy=policy,
+                            on_own_batch="warn",
+                        ),
+                    )
                 )
     for _, _, opt in arms:
         _warm(w, opt)

@@ -77,7 +77,7 @@ def _memory(w: Workload, base: str, policy: str) -> dict[str, Any]:
     """Peak CPU memory of the base optimizer and of HiDLR (K = 2, Phi = 2) on the same model."""
     groups = split_groups(w.params, TABLE4_K)
     base_opt = make_base(base, groups)
-    hid = HiDLR(make_base(base, groups), update_every=2, policy=policy)
+    hid = HiDLR(make_base(base, groups), update_every=2, policy=policy, on_own_batch="warn")
     for _ in range(2):  # optimizer state allocated, HiDLR back at a probe step
         _train_step(w, base_opt)
         _train_step(w, hid)
@@ -197,7 +197,7 @@ def profile_probe_step(
     the ``top`` torch operators by self CPU time (``torch.profiler``, over the same number of
     probe steps)."""
     groups = split_groups(w.params, k)
-    hid = HiDLR(make_base(base, groups), update_every=1, policy=policy)
+    hid = HiDLR(make_base(base, groups), update_every=1, policy=policy, on_own_batch="warn")
     _warm(w, hid)
     timers = _Timers()
     closure = timers.wrap("forward passes (closure)", partial(w.loss, 0))

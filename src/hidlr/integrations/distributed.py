@@ -204,6 +204,7 @@ class DistributedHiDLR(HiDLR):
     """
 
     _sharded_parameters = True
+    _defers_on_own_batch = False  # (deferred probes are not supported here)
 
     def __init__(
         self,
