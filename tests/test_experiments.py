@@ -725,3 +725,16 @@ def test_rates_and_wall_time_leave_out_runs_that_stopped_early(tmp_path):
     info = row["hidlr_rates"]
     assert info["runs"] == 1 and info["steps"] == [0, 20, 40, 60, 80]
     assert info["rates"][0] == pytest.approx([0.01, 0.03, 0.05, 0.07, 0.09])
+
+
+def test_every_task_builds_the_same_data_whatever_the_global_random_state():
+    # a task's data comes from its own generator: the benchmark builds tasks in worker
+    # processes whose global random state differs from run to run
+    for name, task in TASKS.items():
+        torch.manual_seed(1)
+        first = task.problem(0)
+        torch.manual_seed(2)
+        torch.rand(7)
+        second = task.problem(0)
+        for a, b in zip((*first.train, *first.val), (*second.train, *second.val), strict=True):
+            assert torch.equal(a, b), name

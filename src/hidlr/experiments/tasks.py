@@ -458,8 +458,9 @@ def huber_tails(seed: int) -> Problem:
     n, d = 4000, 8
     x = torch.randn(n, d, generator=g)
     clean = torch.tanh(x[:, 0] + x[:, 1] * x[:, 2]) + 0.5 * torch.cos(2 * x[:, 3]) + 0.3 * x[:, 4]
-    # Student-t noise with 2 degrees of freedom: heavy tails, infinite variance
-    noise = torch.randn(n, generator=g) / torch.sqrt(torch.distributions.Chi2(2.0).sample((n,)) / 2)
+    # Student-t noise with 2 degrees of freedom (heavy tails, infinite variance): a normal over
+    # the root of a chi-square with 2 degrees of freedom, -2 log U, over 2
+    noise = torch.randn(n, generator=g) / torch.sqrt(-torch.log(torch.rand(n, generator=g)))
     y = (clean + 0.3 * noise)[:, None]
     torch.manual_seed(seed)
     model = MLP([d, 64, 64, 1], nn.GELU)
