@@ -634,3 +634,15 @@ def test_a_checkpoint_from_before_an_option_existed_keeps_the_constructors_value
         warnings.simplefilter("error")
         opt.load_state_dict(state)
     assert opt.options["on_own_batch"] == "warn"
+
+
+def test_a_checkpoint_keeps_what_the_own_batch_check_found():
+    opt, _, _ = _regression_run("own", steps=12)
+    assert opt.options["defer_probes"] is True
+    w = nn.Parameter(torch.zeros(4, dtype=F64))
+    fresh = hidlr.HiDLR(torch.optim.Adam([w], lr=0.05), update_every=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.load_state_dict(opt.state_dict())
+    assert "defer_probes=True (was False)" in str(caught[0].message)
+    assert fresh._own_batch == opt._own_batch and fresh.options["defer_probes"] is True

@@ -319,6 +319,7 @@ class HiDLR(Optimizer):
                 "coupling": self._coupling,
                 "coupling_updates": self._coupling_updates,
                 "recent_losses": list(self._recent_losses),
+                "own_batch": list(self._own_batch),
                 "options": dict(self.options),
                 "history": [r.as_dict() for r in self._history],
                 "pending": pending_to_state(self._pending, self.param_groups),
@@ -352,6 +353,11 @@ class HiDLR(Optimizer):
         self._coupling = float(saved["coupling"])
         self._coupling_updates = int(saved["coupling_updates"])
         self._recent_losses = [float(v) for v in saved.get("recent_losses", [])]
+        # (a confirmation pending at the checkpoint, :meth:`_confirm_own_batch`, is not resumed:
+        # it needs the probe step's closure)
+        agreed, compared = saved.get("own_batch", (0, 0))
+        self._own_batch = (int(agreed), int(compared))
+        self._own_batch_closure, self._confirm_next = None, False
         self._history = deque(
             (ProbeRecord.from_dict(r) for r in saved["history"]), maxlen=self._history.maxlen
         )

@@ -18,7 +18,10 @@ with one param group per group of a grouping function (default: :func:`hidlr.by_
   robustness benchmark: next batch 9/12 tasks within 5% of the grid-best rate, previous 5/12,
   own 4/12). The last step of an epoch, which has no next one, probes the previous step's.
   ``probe_batch="previous"`` probes the previous step's micro-batches (the first step its
-  own; checkpoints keep them, in ``optimizer.pt``), ``"same"`` the step's own.
+  own; checkpoints keep them, in ``optimizer.pt``), ``"same"`` the step's own (which the
+  optimizer finds over its first probe steps and, with ``on_own_batch="defer"``, its default,
+  answers by deferring its probes to the following step, whose closure holds that step's
+  batches: pass ``hidlr_kwargs={"on_own_batch": "warn"}`` to keep them on the step's own).
 * **Gradient clipping** happens in the Trainer before the step; Hi-DLR's direction is the
   base optimizer's step on the clipped gradient.
 * **Mixed precision**: probes call the model as prepared by ``accelerate`` (autocast) inside
