@@ -481,10 +481,12 @@ def test_a_fitted_slope_reproduces_the_gradients_own_within_the_tolerance():
     assert not own_batch_found(3, 3) and not own_batch_found(4, 8) and not own_batch_found(8, 16)
 
 
-def _regression_run(probe, steps=30, update_every=1, gate=False, batch=16, **options):
+def _regression_run(probe, steps=30, update_every=1, gate=False, batch=16, late=False, **options):
     """Adam on least squares with ``batch`` examples per step; the closure evaluates
     ``probe``: "next" (the next batch), "own" (the gradient's), "full" (every step trains and
-    probes all the data). ``gate``: the loop passes the closure only when ``needs_closure()``."""
+    probes all the data). ``gate``: the loop passes the closure only when ``needs_closure()``;
+    ``late``: the closure reads the loop's current batch when called (a ``lambda`` over the
+    loop variable), not the one it was made for."""
     gen = torch.Generator().manual_seed(3)
     w_true = torch.randn(4, generator=gen, dtype=F64)
     batches = []
@@ -497,13 +499,14 @@ def _regression_run(probe, steps=30, update_every=1, gate=False, batch=16, **opt
     w = nn.Parameter(torch.zeros(4, dtype=F64))
     loss_on = lambda b: ((b[0] @ w - b[1]) ** 2).mean()  # noqa: E731
     opt = hidlr.HiDLR(torch.optim.Adam([w], lr=0.05), update_every=update_every, **options)
-    weights = []
+    weights, current = [], [None]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i in range(steps):
             opt.zero_grad()
             loss_on(batches[i]).backward()
-            closure = lambda b=batches[i + 1 if probe == "next" else i]: loss_on(b)  # noqa: E731
+            current[0] = batches[i + 1 if probe == "next" else i]
+            closure = lambda b=current[0]: loss_on(current[0] if late else b)  # noqa: E731
             opt.step(closure if opt.needs_closure() or not gate else None)
             weights.append(w.detach().clone())
     return opt, [w for w in caught if "gradient's own batch" in str(w.message)], weights
@@ -586,29 +589,60 @@ def test_probes_on_the_next_batch_or_deferred_are_not_acted_on():
     assert opt._own_batch == (0, 0)  # deferred: nothing to compare (the gradient moved on)
 
 
-def test_a_closure_that_raises_while_confirming_changes_nothing():
-    from hidlr._own_batch import OWN_BATCH_EVIDENCE
+def test_a_lambda_over_the_loop_variables_is_found_too():
+    # opt.step(lambda: loss_fn(model(x), y)) reads the loop's x, y when called: at the step
+    # after the probe step, the probe step's closure reads the new batch too
+    opt, caught, _ = _regression_run("own", late=True)
+    assert len(caught) == 1 and "defers its probes" in str(caught[0].message)
+    assert opt.options["defer_probes"] is True and opt._own_batch_outcome == "own"
+    full, caught, _ = _regression_run("full", late=True)
+    assert caught == [] and full._own_batch_outcome == "full_batch"
 
-    _, _, weights = _regression_run("own", steps=OWN_BATCH_EVIDENCE)  # found; to confirm
-    opt, _, _ = _regression_run("own", steps=OWN_BATCH_EVIDENCE)
-    assert opt._own_batch_closure is not None
-    w = opt.param_groups[0]["params"][0]
-    state = {k: v.clone() for k, v in opt.optimizer.state[w].items()}
-    w.grad = torch.ones_like(w)
-    calls = []
 
-    def broken():  # the second call (this step's closure after the probe step's) fails
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("data loader failed")
-        return (w**2).sum()
+@pytest.mark.parametrize("failing", [("now", 1), ("now", 2), ("now", 3), ("before", 1)])
+def test_a_closure_that_raises_while_confirming_changes_nothing(failing):
+    # a model with BatchNorm and dropout, the probe step's closure held; this step's closure
+    # is called at the current weights, then a step down the gradient, then up (the probe
+    # step's once: with dropout its loss at the same weights moved on with the random
+    # state): whichever call raises, the weights, buffers, random state and optimizer state
+    # are as before, the warning is given and the error propagates
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Dropout(0.2), nn.Linear(8, 1))
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    x2, y2 = torch.randn(16, 3), torch.randn(16, 1)
+    opt = hidlr.HiDLR(torch.optim.SGD(model.parameters(), lr=0.01), update_every=1)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    calls = {"now": 0, "before": 0}
 
-    opt._own_batch_closure = broken
-    with pytest.raises(RuntimeError, match="data loader failed"):
-        opt.step(broken)
-    assert torch.equal(w.detach(), weights[-1]) and opt.steps == OWN_BATCH_EVIDENCE
-    assert all(torch.equal(v, opt.optimizer.state[w][k]) for k, v in state.items())
-    assert opt.options["defer_probes"] is False and opt._own_batch_closure is None
+    def closure(name, a, b):
+        def loss():
+            calls[name] += 1
+            if (name, calls[name]) == failing:
+                raise RuntimeError("data loader failed")
+            return nn.functional.mse_loss(model(a), b)
+
+        return loss
+
+    before, now = closure("before", x, y), closure("now", x2, y2)
+    opt._own_batch, opt._own_batch_outcome = (4, 4), "pending"
+    opt._own_batch_closure = (before, opt._loss_here(lambda: nn.functional.mse_loss(model(x), y)))
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x2), y2).backward()
+
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    with (
+        pytest.warns(UserWarning, match="gradient's own batch"),
+        pytest.raises(RuntimeError, match="data loader failed"),
+    ):
+        opt.step(now)
+    assert all(torch.equal(a, p) for a, p in zip(params, model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+    assert torch.equal(rng, torch.get_rng_state()) and opt.steps == 0
+    assert opt.options["defer_probes"] is False and opt._own_batch_outcome == "warned"
+    assert opt._own_batch_closure is None
 
 
 def test_next_batch_probes_that_look_like_the_gradients_own_are_told_apart(monkeypatch):
@@ -641,8 +675,16 @@ def test_a_checkpoint_keeps_what_the_own_batch_check_found():
     assert opt.options["defer_probes"] is True
     w = nn.Parameter(torch.zeros(4, dtype=F64))
     fresh = hidlr.HiDLR(torch.optim.Adam([w], lr=0.05), update_every=1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the check switched defer_probes on: no warning)
         fresh.load_state_dict(opt.state_dict())
-    assert "defer_probes=True (was False)" in str(caught[0].message)
     assert fresh._own_batch == opt._own_batch and fresh.options["defer_probes"] is True
+    assert fresh._own_batch_outcome == "own"
+    # saved while the confirmation was pending: it needs the closure, so the warning comes
+    from hidlr._own_batch import OWN_BATCH_EVIDENCE
+
+    pending, _, _ = _regression_run("own", steps=OWN_BATCH_EVIDENCE)
+    assert pending._own_batch_outcome == "pending"
+    with pytest.warns(UserWarning, match="defer_probes=True; in full-batch"):
+        fresh.load_state_dict(pending.state_dict())
+    assert fresh._own_batch_outcome == "warned" and fresh.options["defer_probes"] is False

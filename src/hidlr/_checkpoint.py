@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,13 +65,20 @@ def pending_from_state(
     return Pending(int(data["step"]), params, w0, list(data["used"]))
 
 
-def checkpoint_options(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_options(
+    saved: dict[str, Any], current: dict[str, Any], *, quiet: Iterable[str] = ()
+) -> dict[str, Any]:
     """The options a checkpoint brings; they replace ``current`` (as torch's optimizers take
-    their hyperparameters from a checkpoint), with a warning naming those that differ. An
-    option the checkpoint predates keeps its ``current`` value."""
+    their hyperparameters from a checkpoint), with a warning naming those that differ (except
+    ``quiet`` ones: set by Hi-DLR itself). An option the checkpoint predates keeps its
+    ``current`` value."""
     options = {**current, **saved}
     options["probe_multipliers"] = check_multipliers(options["probe_multipliers"])
-    changed = sorted(k for k in options.keys() | current.keys() if options.get(k) != current.get(k))
+    changed = sorted(
+        k
+        for k in options.keys() | current.keys()
+        if options.get(k) != current.get(k) and k not in quiet
+    )
     if changed:
         warnings.warn(
             "the checkpoint's Hi-DLR options replace the constructor's: "

@@ -1,5 +1,6 @@
 """Whether the closure evaluates the gradient's own batch: the slope the gradient itself gives
-along the step, compared with the probes' fitted slope over the first probe steps."""
+along the step, compared with the probes' fitted slope over the first probe steps, and, once
+that says so, which batch the closure reads at the step after (:func:`own_batch_verdict`)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from types import FrameType
 
 import torch
 
-from hidlr._probing import GroupMover
+from hidlr._probing import GroupMover, snapshot
 
 OWN_BATCH_CHECKS = 16  # fitted slopes compared with the gradient's own, at most
 OWN_BATCH_EVIDENCE = 4  # agreeing fits that, as a majority of those compared, decide it
-SAME_DATA_TOLERANCE = 1e-5  # two closures' losses at one point this close read the same data
-OWN_BATCH_STEP = 1e-3  # the step down the gradient that measures a closure's slope: this
+SAME_DATA_TOLERANCE = 1e-5  # two losses at one point this close are one data set's
+SLOPE_STEP = 1e-2  # the steps along the gradient that measure a closure's slope: this
 # fraction of the loss, were the slope the gradient's own
+SLOPE_TOLERANCE = 1e-2  # a measured slope this close to |g|^2 is the gradient's own batch's
 STEP_DOT_CHUNK = 1 << 16  # elements: the scratch memory of step_dot (256 KB in float32)
 OWN_BATCH_TOLERANCE = 0.1  # a fitted slope within 10% of the gradient's own reproduces it
 
@@ -92,9 +95,64 @@ def own_batch_found(agreed: int, n: int) -> bool:
     return agreed >= OWN_BATCH_EVIDENCE and 2 * agreed > n
 
 
-def warn_own_batch(agreed: int, n: int, *, deferring: bool) -> None:
+def own_batch_verdict(
+    params: list[torch.Tensor],
+    reference: float,
+    now: Callable[[], float],
+    before: Callable[[], float],
+) -> str:
+    """Which batch the closure evaluates, at the step after the fits found the gradient's own
+    (:func:`own_batch_found`). ``reference`` is the probe step's closure's loss at the end of
+    that step; the parameters have not moved since. ``now`` and ``before`` evaluate this
+    step's closure and the probe step's again (the latter may read new data by now: a
+    ``lambda`` over the loop's variables). ``params`` have this step's gradient ``g``.
+
+    ``now`` gives ``reference``: one data set at every step, ``"full_batch"``. Otherwise each
+    closure's slope along ``-g`` (a central difference, steps of ``SLOPE_STEP`` of the loss
+    were the slope ``|g|^2``; two forward passes each) is set against ``|g|^2``, the slope of
+    the gradient's own batch. Where ``before`` still reads the probe step's data (it gives
+    ``reference``), the closer of the two has this step's batch: ``now`` (``"own"``: the
+    closure evaluates each step's own batch) or ``before`` (``"next_batch"``: it held the
+    batch this step trains on, whose slope looked like the gradient's by chance or low
+    noise). Where it does not, ``now`` alone decides: within ``SLOPE_TOLERANCE``, ``"own"``,
+    else ``"unknown"``, as when nothing can be measured (no gradient, a loss of 0, a
+    non-finite loss). The parameters end exactly where they were."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not params or len(grads) < len(params) or any(g.is_sparse for g in grads):
+        return "unknown"
+    at_now = now()
+    if not math.isfinite(at_now) or not math.isfinite(reference):
+        return "unknown"
+    if abs(at_now - reference) <= SAME_DATA_TOLERANCE * abs(reference):
+        return "full_batch"
+    at_before = before()
+    still = abs(at_before - reference) <= SAME_DATA_TOLERANCE * abs(reference)
+    own = math.fsum(float(n) ** 2 for n in torch._foreach_norm(grads))
+    h = SLOPE_STEP * abs(at_now) / own if own > 0 else 0.0
+    if h == 0.0 or not math.isfinite(h):
+        return "unknown"
+    closures = (now, before) if still else (now,)
+    copies = snapshot(params)
+    try:
+        torch._foreach_add_(params, grads, alpha=-h)
+        down = [fn() for fn in closures]
+        torch._foreach_copy_(params, copies)
+        torch._foreach_add_(params, grads, alpha=h)
+        up = [fn() for fn in closures]
+    finally:
+        torch._foreach_copy_(params, copies)
+    if not all(map(math.isfinite, down + up)):
+        return "unknown"
+    off = [abs((u - d) / (2 * h) / own - 1.0) for d, u in zip(down, up, strict=True)]
+    if still:
+        return "own" if off[0] < off[1] else "next_batch"
+    return "own" if off[0] <= SLOPE_TOLERANCE else "unknown"
+
+
+def warn_own_batch(agreed: int, n: int, *, deferring: bool, can_defer: bool = True) -> None:
     """The warning that ``agreed`` of the first ``n`` probe fits reproduced the gradient's
-    own slope; ``deferring``: Hi-DLR defers its probes from now on."""
+    own slope; ``deferring``: Hi-DLR defers its probes from now on; ``can_defer``: whether
+    ``defer_probes=True`` is advice this optimizer can take."""
     found = (
         f"HiDLR: {agreed} of the first {n} probe fits reproduced the slope of the gradient's "
         "own batch: the closure seems to evaluate the batch the gradient was computed on, "
@@ -105,15 +163,14 @@ def warn_own_batch(agreed: int, n: int, *, deferring: bool) -> None:
         advice = (
             "From the next probe step on, Hi-DLR defers its probes (defer_probes=True): each "
             "probe step is probed at the following step, with that step's closure and batch. "
-            "Giving the closure the next batch (hidlr.with_probe_batch) is better still; in "
-            "full-batch training, where every step sees all the data, on_own_batch='warn' "
-            "keeps the probes where they are"
+            "Giving the closure the next batch (hidlr.with_probe_batch) is better still"
         )
     else:
         advice = (
-            "Probe the next batch (hidlr.with_probe_batch) or pass defer_probes=True; in "
-            "full-batch training, where every step sees all the data, this is expected and "
-            "the warning can be ignored"
+            "Probe the next batch (hidlr.with_probe_batch)"
+            + (" or pass defer_probes=True" if can_defer else "")
+            + "; in full-batch training, where every step sees all the data, this is "
+            "expected and the warning can be ignored"
         )
     warnings.warn(found + advice, UserWarning, stacklevel=_outside_stacklevel())
 

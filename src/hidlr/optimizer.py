@@ -22,10 +22,9 @@ from hidlr._checkpoint import (
 )
 from hidlr._own_batch import (
     OWN_BATCH_CHECKS,
-    OWN_BATCH_STEP,
-    SAME_DATA_TOLERANCE,
     own_batch_found,
     own_batch_slopes,
+    own_batch_verdict,
     own_slopes,
     reproduces_own_slope,
     warn_own_batch,
@@ -143,10 +142,10 @@ class HiDLR(Optimizer):
             from the probe step to the next (it is part of :meth:`state_dict` meanwhile).
             Not with :class:`~hidlr.integrations.distributed.DistributedHiDLR`.
         on_own_batch: what to do when the closure evaluates the gradient's own batch (the
-            first probe fits reproduce the slope the gradient itself gives along the step; see
-            the README): ``"defer"`` (default) switches ``defer_probes`` on from the next probe
-            step, where the loop passes a closure at every step (it has passed one to a step
-            that needed none, or every step probes), and warns; ``"warn"`` only warns.
+            first probe fits reproduce the slope the gradient itself gives along the step, and
+            the step after confirms it: see the README): ``"defer"`` (default) switches
+            ``defer_probes`` on from then on and warns (where the loop passes a closure at that
+            step and the check can tell; otherwise it warns only); ``"warn"`` only warns.
 
     Learning-rate schedulers: attach them to this optimizer (or the base one; they share
     param groups). A group's rate used at a step is ``lrs[k] * lr / ref``: the scheduler's
@@ -235,9 +234,12 @@ class HiDLR(Optimizer):
         # of the first probe fits compared with the gradient's own slope, how many reproduced
         # it (a closure on the gradient's own batch is acted on once) and how many in all
         self._own_batch: tuple[int, int] = (0, 0)
-        # once the fits say so: the probe step's closure, which the next step's gradient tells
-        # apart from the gradient's own batch (:meth:`_confirm_own_batch`)
-        self._own_batch_closure: Closure | None = None
+        # what the next step made of it once the fits found the gradient's own batch: None
+        # (not found), "pending" (until that step), "own" (the probes are deferred since),
+        # "full_batch", "next_batch" or "warned" (see :meth:`_confirm_own_batch`); while
+        # pending, the probe step's closure and its loss at the end of that step
+        self._own_batch_outcome: str | None = None
+        self._own_batch_closure: tuple[Closure, float] | None = None
         self._confirm_next = False
         self._pending: Pending | None = None  # a deferred probe step's snapshot
         self._history: deque[ProbeRecord] = deque(
@@ -320,6 +322,7 @@ class HiDLR(Optimizer):
                 "coupling_updates": self._coupling_updates,
                 "recent_losses": list(self._recent_losses),
                 "own_batch": list(self._own_batch),
+                "own_batch_outcome": self._own_batch_outcome,
                 "options": dict(self.options),
                 "history": [r.as_dict() for r in self._history],
                 "pending": pending_to_state(self._pending, self.param_groups),
@@ -345,7 +348,11 @@ class HiDLR(Optimizer):
                 f"got keys {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}"
             )
         saved = state_dict["hidlr"]
-        options = checkpoint_options(saved["options"], self.options)
+        outcome = saved.get("own_batch_outcome")
+        # (defer_probes switched on by the own-batch check is no change of the user's)
+        options = checkpoint_options(
+            saved["options"], self.options, quiet=("defer_probes",) if outcome == "own" else ()
+        )
         # (the base's load hooks, BaseLoaded, put requires_grad in line with the loaded groups)
         self.optimizer.load_state_dict(state_dict["base"])
         self.options = options
@@ -353,11 +360,13 @@ class HiDLR(Optimizer):
         self._coupling = float(saved["coupling"])
         self._coupling_updates = int(saved["coupling_updates"])
         self._recent_losses = [float(v) for v in saved.get("recent_losses", [])]
-        # (a confirmation pending at the checkpoint, :meth:`_confirm_own_batch`, is not resumed:
-        # it needs the probe step's closure)
         agreed, compared = saved.get("own_batch", (0, 0))
         self._own_batch = (int(agreed), int(compared))
         self._own_batch_closure, self._confirm_next = None, False
+        self._own_batch_outcome = outcome
+        if outcome == "pending":  # the confirmation needs the probe step's closure: warn
+            self._own_batch_outcome = "warned"
+            warn_own_batch(agreed, compared, deferring=False, can_defer=self._defers_on_own_batch)
         self._history = deque(
             (ProbeRecord.from_dict(r) for r in saved["history"]), maxlen=self._history.maxlen
         )
@@ -577,7 +586,13 @@ class HiDLR(Optimizer):
                 mover.reset()
             raise
         if self._confirm_next:
-            self._confirm_next, self._own_batch_closure = False, closure
+            self._confirm_next = False
+            try:
+                reference = self._loss_here(closure)
+            except BaseException:
+                self._own_batch_failed()
+                raise
+            self._own_batch_closure = (closure, reference)
 
     def _defer_probe_step(self) -> None:
         """The probe step's update, keeping ``w0`` for its probes at the next step."""
@@ -801,57 +816,64 @@ class HiDLR(Optimizer):
             and not opts.get("defer_probes", False)
             and self._defers_on_own_batch
         )
+        self._own_batch_outcome = "pending" if self._confirm_next else "warned"
         if not self._confirm_next:
-            warn_own_batch(*own_batch, deferring=False)
+            warn_own_batch(*own_batch, deferring=False, can_defer=self._defers_on_own_batch)
+
+    def _own_batch_failed(self) -> None:
+        """A closure raised while the own-batch check measured: it is dropped, with the
+        warning the fits call for."""
+        self._own_batch_closure, self._own_batch_outcome = None, "warned"
+        warn_own_batch(*self._own_batch, deferring=False)
 
     def _confirm_own_batch(self, closure: Closure | None) -> None:
-        """At the step after the fits found the gradient's own batch, with that probe step's
-        closure (``before``) and this step's (``now``): which of the two has this step's
-        gradient ``g`` as its own? Each one's slope along ``-g`` (a difference of its loss
-        at the current weights and a small step down ``g``, two forward passes each) is set
-        against ``|g|^2``, the slope of the gradient's own batch. ``now`` closer: the closure
-        evaluates each step's own batch; defer the probes from now on, and warn. ``before``
-        closer: it held the batch this step trains on (the next batch, whose slope was close
-        to the gradient's by chance or by low noise); nothing changes, nothing is said. Both
-        losses equal: one data set every step (full-batch training, where probing it is
-        right); nothing changes. No closure now (the loop passes one only when
-        :meth:`needs_closure`; deferred probes need one at the step after a probe step) or
-        nothing to measure: warn only."""
-        before, self._own_batch_closure = self._own_batch_closure, None
-        found = self._own_batch
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
-        if not callable(closure) or not params or any(g.is_sparse for g in grads):  # type: ignore[union-attr]
-            warn_own_batch(*found, deferring=False)
+        """At the step after the fits found the gradient's own batch: which batch does the
+        closure evaluate (:func:`hidlr._own_batch.own_batch_verdict`, two to six forward
+        passes, once)? Each step's own: defer the probes from now on, and warn. One data set
+        at every step (full-batch training, where probing it is right) or the next batch
+        (which looked alike): nothing changes, nothing is said. No closure at this step (the
+        loop passes one only when :meth:`needs_closure`; deferred probes need one at the
+        step after a probe step) or no telling: warn only. If a closure raises, the weights,
+        buffers and random state are as before, the warning is given and the error raised."""
+        held, self._own_batch_closure = self._own_batch_closure, None
+        assert held is not None
+        before, reference = held
+        if not callable(closure):
+            self._own_batch_outcome = "warned"
+            warn_own_batch(*self._own_batch, deferring=False)
             return
-        assert before is not None
-        own = sum(float(n) ** 2 for n in torch._foreach_norm(grads))  # type: ignore[arg-type]
-        copies = snapshot(params)
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         devices = list({p.device for p in params})
-        with probe_context(devices) as (rng, guard):
+        with probe_context(devices, params) as (rng, guard):
 
-            def loss(fn: Closure) -> float:
+            def evaluate(fn: Closure) -> float:
                 rng.replay()
                 value = _scalar_loss(fn()).item()
                 guard.restore()
                 return value
 
             try:
-                at = [loss(before), loss(closure)]
-                h = OWN_BATCH_STEP * abs(at[1]) / own if own > 0 else 0.0
-                torch._foreach_add_(params, grads, alpha=-h)  # type: ignore[arg-type]
-                down = [loss(before), loss(closure)]
-            finally:
-                torch._foreach_copy_(params, copies)
-        if not all(map(math.isfinite, at + down)) or h == 0.0:
-            warn_own_batch(*found, deferring=False)  # no telling
-            return
-        if abs(at[0] - at[1]) <= SAME_DATA_TOLERANCE * abs(at[1]):
-            return
-        off = [abs((a - d) / h - own) for a, d in zip(at, down, strict=True)]
-        if off[1] < off[0]:
+                verdict = own_batch_verdict(
+                    params, reference, lambda: evaluate(closure), lambda: evaluate(before)
+                )
+            except BaseException:
+                self._own_batch_failed()
+                raise
+        self._own_batch_outcome = "warned" if verdict == "unknown" else verdict
+        if verdict == "own":
             self.options["defer_probes"] = True
-            warn_own_batch(*found, deferring=True)
+        if verdict in ("own", "unknown"):
+            warn_own_batch(*self._own_batch, deferring=verdict == "own")
+
+    def _loss_here(self, closure: Closure) -> float:
+        """The closure's loss at the current weights, as a probe sees it (no autograd, the
+        random numbers replayed, buffers restored)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        with probe_context(list({p.device for p in params}), params) as (rng, guard):
+            rng.replay()
+            loss = _scalar_loss(closure()).item()
+            guard.restore()
+        return loss
 
     def _fit(
         self, rows: list[dict[int, float]], values: list[torch.Tensor], rates: list[float]
