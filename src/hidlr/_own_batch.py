@@ -156,8 +156,9 @@ def warn_own_batch(agreed: int, n: int, *, deferring: bool, can_defer: bool = Tr
     found = (
         f"HiDLR: {agreed} of the first {n} probe fits reproduced the slope of the gradient's "
         "own batch: the closure seems to evaluate the batch the gradient was computed on, "
-        "where fitted rates run long (on the robustness benchmark 3 of 16 tasks within 5% of "
-        "the best constant rate and 3 diverged runs; the next batch: 11, none). "
+        "where fitted rates run long (probing it, 3 of the robustness benchmark's first 16 "
+        "tasks ended within 5% of the best constant rate, with 3 diverged runs; probing the "
+        "next batch, 14 of its 20, none). "
     )
     if deferring:
         advice = (
