@@ -688,3 +688,20 @@ def test_a_checkpoint_keeps_what_the_own_batch_check_found():
     with pytest.warns(UserWarning, match="defer_probes=True; in full-batch"):
         fresh.load_state_dict(pending.state_dict())
     assert fresh._own_batch_outcome == "warned" and fresh.options["defer_probes"] is False
+
+
+def test_a_closure_that_raises_after_the_probe_step_ends_the_check_not_the_step(monkeypatch):
+    # the closure's loss at the end of the probe step that found the gradient's own batch is
+    # the check's own extra call: if it raises, the step stands as a probe step leaves it,
+    # the check ends with the warning, and training goes on (a closure that stays broken
+    # fails at the next probe step, as any probe's would)
+    def broken(self, closure):
+        raise RuntimeError("data loader failed")
+
+    monkeypatch.setattr(hidlr.HiDLR, "_loss_here", broken)
+    opt, caught, weights = _regression_run("own", steps=12)
+    assert len(caught) == 1 and "could not finish" in str(caught[0].message)
+    assert opt.options["defer_probes"] is False and opt._own_batch_outcome == "warned"
+    monkeypatch.undo()
+    _, _, warned = _regression_run("own", steps=12, on_own_batch="warn")
+    assert all(torch.equal(a, b) for a, b in zip(weights, warned, strict=True))

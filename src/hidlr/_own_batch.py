@@ -149,10 +149,18 @@ def own_batch_verdict(
     return "own" if off[0] <= SLOPE_TOLERANCE else "unknown"
 
 
-def warn_own_batch(agreed: int, n: int, *, deferring: bool, can_defer: bool = True) -> None:
+def warn_own_batch(
+    agreed: int,
+    n: int,
+    *,
+    deferring: bool,
+    can_defer: bool = True,
+    failed: BaseException | None = None,
+) -> None:
     """The warning that ``agreed`` of the first ``n`` probe fits reproduced the gradient's
     own slope; ``deferring``: Hi-DLR defers its probes from now on; ``can_defer``: whether
-    ``defer_probes=True`` is advice this optimizer can take."""
+    ``defer_probes=True`` is advice this optimizer can take; ``failed``: the error that ended
+    the check."""
     found = (
         f"HiDLR: {agreed} of the first {n} probe fits reproduced the slope of the gradient's "
         "own batch: the closure seems to evaluate the batch the gradient was computed on, "
@@ -173,6 +181,8 @@ def warn_own_batch(agreed: int, n: int, *, deferring: bool, can_defer: bool = Tr
             + "; in full-batch training, where every step sees all the data, this is "
             "expected and the warning can be ignored"
         )
+    if failed is not None:
+        advice += f" (the check could not finish: the closure raised {failed!r})"
     warnings.warn(found + advice, UserWarning, stacklevel=_outside_stacklevel())
 
 

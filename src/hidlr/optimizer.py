@@ -586,13 +586,13 @@ class HiDLR(Optimizer):
                 mover.reset()
             raise
         if self._confirm_next:
+            # (the step is done: a closure that fails here only ends the check, with the
+            # warning; at the next probe step it fails as any probe's would)
             self._confirm_next = False
             try:
-                reference = self._loss_here(closure)
-            except BaseException:
-                self._own_batch_failed()
-                raise
-            self._own_batch_closure = (closure, reference)
+                self._own_batch_closure = (closure, self._loss_here(closure))
+            except Exception as error:
+                self._own_batch_failed(error)
 
     def _defer_probe_step(self) -> None:
         """The probe step's update, keeping ``w0`` for its probes at the next step."""
@@ -820,11 +820,11 @@ class HiDLR(Optimizer):
         if not self._confirm_next:
             warn_own_batch(*own_batch, deferring=False, can_defer=self._defers_on_own_batch)
 
-    def _own_batch_failed(self) -> None:
+    def _own_batch_failed(self, error: BaseException) -> None:
         """A closure raised while the own-batch check measured: it is dropped, with the
         warning the fits call for."""
         self._own_batch_closure, self._own_batch_outcome = None, "warned"
-        warn_own_batch(*self._own_batch, deferring=False)
+        warn_own_batch(*self._own_batch, deferring=False, failed=error)
 
     def _confirm_own_batch(self, closure: Closure | None) -> None:
         """At the step after the fits found the gradient's own batch: which batch does the
@@ -856,8 +856,8 @@ class HiDLR(Optimizer):
                 verdict = own_batch_verdict(
                     params, reference, lambda: evaluate(closure), lambda: evaluate(before)
                 )
-            except BaseException:
-                self._own_batch_failed()
+            except BaseException as error:
+                self._own_batch_failed(error)
                 raise
         self._own_batch_outcome = "warned" if verdict == "unknown" else verdict
         if verdict == "own":
