@@ -198,6 +198,8 @@ class DistributedHiDLR(HiDLR):
 
     Freezing (``freeze_threshold``, ``freeze_budget``) turns ``requires_grad`` off during
     training; DDP then needs ``DistributedDataParallel(model, find_unused_parameters=True)``.
+    The check for a closure on the gradient's own batch (``on_own_batch``) does not run here
+    (it would need the gradient's slope reduced across ranks): give each rank the next batch.
 
     :attr:`reductions` counts the all-reduces made so far (two per probe step: moved flags
     and probe losses; three with the robust policy's combined-step probe).
