@@ -481,7 +481,9 @@ def test_a_fitted_slope_reproduces_the_gradients_own_within_the_tolerance():
     assert not own_batch_found(3, 3) and not own_batch_found(4, 8) and not own_batch_found(8, 16)
 
 
-def _regression_run(probe, steps=30, update_every=1, gate=False, batch=16, late=False, **options):
+def _regression_run(
+    probe, steps=30, update_every=1, gate=False, batch=16, late=False, cls=None, **options
+):
     """Adam on least squares with ``batch`` examples per step; the closure evaluates
     ``probe``: "next" (the next batch), "own" (the gradient's), "full" (every step trains and
     probes all the data). ``gate``: the loop passes the closure only when ``needs_closure()``;
@@ -498,7 +500,7 @@ def _regression_run(probe, steps=30, update_every=1, gate=False, batch=16, late=
         batches = [whole] * (steps + 1)
     w = nn.Parameter(torch.zeros(4, dtype=F64))
     loss_on = lambda b: ((b[0] @ w - b[1]) ** 2).mean()  # noqa: E731
-    opt = hidlr.HiDLR(torch.optim.Adam([w], lr=0.05), update_every=update_every, **options)
+    opt = (cls or hidlr.HiDLR)(torch.optim.Adam([w], lr=0.05), update_every=update_every, **options)
     weights, current = [], [None]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -564,6 +566,13 @@ def test_own_batch_probes_only_warn_where_deferring_is_not_possible_or_not_wante
         assert len(caught) == 1 and "with_probe_batch" in str(caught[0].message), kwargs
         assert "defers" not in str(caught[0].message)
         assert opt.options["defer_probes"] is False
+    # the Hugging Face trainer's optimizer: the trainer chose the batch, and refuses
+    # defer_probes; the advice leaves it out
+    from hidlr.integrations.transformers import ClosureHiDLR
+
+    opt, caught, _ = _regression_run("own", steps=12, cls=ClosureHiDLR)
+    assert len(caught) == 1 and opt.options["defer_probes"] is False
+    assert "defer_probes" not in str(caught[0].message)
     # a loop that passes its closure at every step, with probe steps every 4: it defers
     opt, caught, _ = _regression_run("own", steps=60, update_every=4)
     assert len(caught) == 1 and opt.options["defer_probes"] is True

@@ -19,9 +19,8 @@ with one param group per group of a grouping function (default: :func:`hidlr.by_
   own 4/12). The last step of an epoch, which has no next one, probes the previous step's.
   ``probe_batch="previous"`` probes the previous step's micro-batches (the first step its
   own; checkpoints keep them, in ``optimizer.pt``), ``"same"`` the step's own (which the
-  optimizer finds over its first probe steps and, with ``on_own_batch="defer"``, its default,
-  answers by deferring its probes to the following step, whose closure holds that step's
-  batches: pass ``hidlr_kwargs={"on_own_batch": "warn"}`` to keep them on the step's own).
+  optimizer's own-batch check warns about once, where its fits find it: rates fitted there
+  run long; it does not defer the probes here, the trainer chose their batch).
 * **Gradient clipping** happens in the Trainer before the step; Hi-DLR's direction is the
   base optimizer's step on the clipped gradient.
 * **Mixed precision**: probes call the model as prepared by ``accelerate`` (autocast) inside
@@ -79,7 +78,12 @@ class ClosureHiDLR(HiDLR):
     saved in :meth:`state_dict` (key ``"probe_batches"``), so a run resumed from a checkpoint
     probes the batch an uninterrupted one would (in a multi-process run, the batches of the
     process that saved the checkpoint).
+
+    Whoever owns the batch chooses the probes' batch: a closure on the gradient's own batch is
+    warned about (``on_own_batch``), never switched to deferred probes.
     """
+
+    _defers_on_own_batch = False
 
     def __init__(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
         super().__init__(optimizer, **kwargs)
