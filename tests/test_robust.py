@@ -714,3 +714,66 @@ def test_a_closure_that_raises_after_the_probe_step_ends_the_check_not_the_step(
     monkeypatch.undo()
     _, _, warned = _regression_run("own", steps=12, on_own_batch="warn")
     assert all(torch.equal(a, b) for a, b in zip(weights, warned, strict=True))
+
+
+def _verdict_setup(offset=0.0, scale=1.0):
+    """A BatchNorm MLP with the gradient of batch 0 (its loss times ``scale`` plus
+    ``offset``), and closures on batches 0, 1 and 2."""
+    from hidlr._own_batch import own_batch_verdict
+    from hidlr._probing import probe_context
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+    data = [(torch.randn(32, 3), torch.randn(32, 1)) for _ in range(3)]
+    loss_of = [lambda b=b: scale * nn.functional.mse_loss(model(b[0]), b[1]) + offset for b in data]
+    loss_of[0]().backward()
+    params = list(model.parameters())
+
+    def verdict(now, before, reference):
+        with probe_context([torch.device("cpu")], params) as (rng, guard):
+
+            def ev(fn):
+                rng.replay()
+                value = fn().item()
+                guard.restore()
+                return value
+
+            return own_batch_verdict(params, reference, lambda: ev(now), lambda: ev(before))
+
+    def loss_here(fn):
+        with torch.no_grad():
+            state = [b.clone() for b in model.buffers()]
+            value = fn().item()
+            for b, s in zip(model.buffers(), state, strict=True):
+                b.copy_(s)
+        return value
+
+    return model, loss_of, verdict, loss_here
+
+
+@pytest.mark.parametrize("offset, scale", [(0.0, 1.0), (100.0, 1.0), (0.0, 1e-6), (-50.0, 1.0)])
+def test_the_verdict_finds_the_gradients_batch_whatever_the_losss_offset_or_scale(offset, scale):
+    # g is batch 0's gradient; "now" on batch 0 is the gradient's own batch, "now" on batch 2
+    # with the probe step's closure still on batch 1 is neither; weights and buffers come back
+    model, loss_of, verdict, loss_here = _verdict_setup(offset, scale)
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    ref1 = loss_here(loss_of[1])
+    assert verdict(loss_of[0], loss_of[1], ref1) == "own"
+    assert verdict(loss_of[1], loss_of[0], loss_here(loss_of[0])) == "next_batch"
+    assert verdict(loss_of[2], loss_of[1], ref1) == "unknown"  # neither reads g's batch
+    assert verdict(loss_of[1], loss_of[1], ref1) == "full_batch"
+    assert all(torch.equal(a, p) for a, p in zip(params, model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+
+
+def test_an_optimizer_pickled_between_the_two_steps_of_the_check_drops_it():
+    import pickle
+
+    from hidlr._own_batch import OWN_BATCH_EVIDENCE
+
+    opt, _, _ = _regression_run("own", steps=OWN_BATCH_EVIDENCE)
+    assert opt._own_batch_outcome == "pending"
+    copy = pickle.loads(pickle.dumps(opt))
+    assert copy._own_batch_closure is None and copy._own_batch_outcome == "warned"
+    assert opt._own_batch_closure is not None  # (the original keeps its check)

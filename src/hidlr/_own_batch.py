@@ -18,9 +18,9 @@ from hidlr._probing import GroupMover, snapshot
 OWN_BATCH_CHECKS = 16  # fitted slopes compared with the gradient's own, at most
 OWN_BATCH_EVIDENCE = 4  # agreeing fits that, as a majority of those compared, decide it
 SAME_DATA_TOLERANCE = 1e-5  # two losses at one point this close are one data set's
-SLOPE_STEP = 1e-2  # the steps along the gradient that measure a closure's slope: this
-# fraction of the loss, were the slope the gradient's own
-SLOPE_TOLERANCE = 1e-2  # a measured slope this close to |g|^2 is the gradient's own batch's
+SLOPE_STEP = 1e-3  # the steps along the gradient that measure a closure's slope: this
+# fraction of the weights' norm (of 1 for weights at zero)
+SLOPE_TOLERANCE = 1e-2  # a closure whose slope is this close to g's own reads g's batch
 STEP_DOT_CHUNK = 1 << 16  # elements: the scratch memory of step_dot (256 KB in float32)
 OWN_BATCH_TOLERANCE = 0.1  # a fitted slope within 10% of the gradient's own reproduces it
 
@@ -108,15 +108,16 @@ def own_batch_verdict(
     ``lambda`` over the loop's variables). ``params`` have this step's gradient ``g``.
 
     ``now`` gives ``reference``: one data set at every step, ``"full_batch"``. Otherwise each
-    closure's slope along ``-g`` (a central difference, steps of ``SLOPE_STEP`` of the loss
-    were the slope ``|g|^2``; two forward passes each) is set against ``|g|^2``, the slope of
-    the gradient's own batch. Where ``before`` still reads the probe step's data (it gives
-    ``reference``), the closer of the two has this step's batch: ``now`` (``"own"``: the
-    closure evaluates each step's own batch) or ``before`` (``"next_batch"``: it held the
-    batch this step trains on, whose slope looked like the gradient's by chance or low
-    noise). Where it does not, ``now`` alone decides: within ``SLOPE_TOLERANCE``, ``"own"``,
-    else ``"unknown"``, as when nothing can be measured (no gradient, a loss of 0, a
-    non-finite loss). The parameters end exactly where they were."""
+    closure's loss is measured a small step either way along ``g`` (``SLOPE_STEP`` of the
+    weights' norm; two forward passes each) and its change set against ``g``'s dot product
+    with the displacement actually made (float64), the change the gradient's own batch would
+    show. The probe step's closure takes part only where it still reads its data (it gives
+    ``reference`` again). The one within ``SLOPE_TOLERANCE`` of it, the other not, reads this
+    step's batch: ``now`` (``"own"``: the closure evaluates each step's own batch) or
+    ``before`` (``"next_batch"``: it held the batch this step trains on, whose slope looked
+    like the gradient's by chance or low noise). Neither, or both: ``"unknown"``, as when
+    nothing can be measured (a gradient missing or sparse, a non-finite loss). The parameters
+    end exactly where they were."""
     grads = [p.grad for p in params if p.grad is not None]
     if not params or len(grads) < len(params) or any(g.is_sparse for g in grads):
         return "unknown"
@@ -127,26 +128,37 @@ def own_batch_verdict(
         return "full_batch"
     at_before = before()
     still = abs(at_before - reference) <= SAME_DATA_TOLERANCE * abs(reference)
-    own = math.fsum(float(n) ** 2 for n in torch._foreach_norm(grads))
-    h = SLOPE_STEP * abs(at_now) / own if own > 0 else 0.0
+    g_norm = math.sqrt(math.fsum(float(n) ** 2 for n in torch._foreach_norm(grads)))
+    w_norm = math.sqrt(math.fsum(float(n) ** 2 for n in torch._foreach_norm(params)))
+    h = SLOPE_STEP * (w_norm or 1.0) / g_norm if g_norm > 0 else 0.0
     if h == 0.0 or not math.isfinite(h):
         return "unknown"
     closures = (now, before) if still else (now,)
     copies = snapshot(params)
+    moved = []  # g . (w_moved - w), float64, down then up
+    losses = []
     try:
-        torch._foreach_add_(params, grads, alpha=-h)
-        down = [fn() for fn in closures]
-        torch._foreach_copy_(params, copies)
-        torch._foreach_add_(params, grads, alpha=h)
-        up = [fn() for fn in closures]
+        for sign in (-1.0, 1.0):
+            torch._foreach_add_(params, grads, alpha=sign * h)
+            moved.append(
+                math.fsum(
+                    float(step_dot(g, p, w)) for g, p, w in zip(grads, params, copies, strict=True)
+                )
+            )
+            losses.append([fn() for fn in closures])
+            torch._foreach_copy_(params, copies)
     finally:
         torch._foreach_copy_(params, copies)
-    if not all(map(math.isfinite, down + up)):
+    change = moved[1] - moved[0]
+    if not all(math.isfinite(v) for v in losses[0] + losses[1]) or not change > 0:
         return "unknown"
-    off = [abs((u - d) / (2 * h) / own - 1.0) for d, u in zip(down, up, strict=True)]
-    if still:
-        return "own" if off[0] < off[1] else "next_batch"
-    return "own" if off[0] <= SLOPE_TOLERANCE else "unknown"
+    off = [abs((u - d) / change - 1.0) for d, u in zip(losses[0], losses[1], strict=True)]
+    close = [o <= SLOPE_TOLERANCE for o in off]
+    if close[0] and not any(close[1:]):
+        return "own"
+    if still and close[1] and not close[0]:
+        return "next_batch"
+    return "unknown"
 
 
 def warn_own_batch(

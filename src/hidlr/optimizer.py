@@ -275,6 +275,10 @@ class HiDLR(Optimizer):
         state.pop("_opt_called", None)
         for name in HOOKS:
             state.pop(name, None)
+        if state.get("_own_batch_closure") is not None:
+            # (a user's closure need not pickle: a copy taken between the two steps of the
+            # own-batch check drops the check, as a checkpoint does)
+            state["_own_batch_closure"], state["_own_batch_outcome"] = None, "warned"
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -81,9 +81,12 @@ class LightningHiDLR(HiDLR):
     HiDLR; on probe steps the probes call :attr:`probe_closure`, which
     :class:`HiDLRCallback` sets to ``lambda: module.probe_loss(batch)`` for each batch.
     Returns the training loss, as Lightning expects. Same arguments as :class:`~hidlr.HiDLR`.
+    The callback chooses the probes' batch (and ``defer_probes``): a closure on the gradient's
+    own batch is warned about (``on_own_batch``), never switched to deferred probes.
     """
 
     probe_closure: Callable[[], Any] | None = None
+    _defers_on_own_batch = False
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
