@@ -635,7 +635,8 @@ def test_a_closure_that_raises_while_confirming_changes_nothing(failing):
 
     before, now = closure("before", x, y), closure("now", x2, y2)
     opt._own_batch, opt._own_batch_outcome = (4, 4), "pending"
-    opt._own_batch_closure = (before, opt._loss_here(lambda: nn.functional.mse_loss(model(x), y)))
+    reference = opt._loss_here(lambda: nn.functional.mse_loss(model(x), y))
+    opt._own_batch_closure = (before, reference, 0.01)
     opt.zero_grad()
     nn.functional.mse_loss(model(x2), y2).backward()
 
@@ -728,6 +729,9 @@ def _verdict_setup(offset=0.0, scale=1.0):
     loss_of = [lambda b=b: scale * nn.functional.mse_loss(model(b[0]), b[1]) + offset for b in data]
     loss_of[0]().backward()
     params = list(model.parameters())
+    # one SGD step at rate 0.05 / scale (a loss scaled down takes a larger rate) changes the
+    # loss by about that rate times |g|^2
+    step_change = 0.05 / scale * sum(float(p.grad.pow(2).sum()) for p in params)
 
     def verdict(now, before, reference):
         with probe_context([torch.device("cpu")], params) as (rng, guard):
@@ -738,7 +742,9 @@ def _verdict_setup(offset=0.0, scale=1.0):
                 guard.restore()
                 return value
 
-            return own_batch_verdict(params, reference, lambda: ev(now), lambda: ev(before))
+            return own_batch_verdict(
+                params, reference, step_change, lambda: ev(now), lambda: ev(before)
+            )
 
     def loss_here(fn):
         with torch.no_grad():

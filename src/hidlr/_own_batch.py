@@ -18,8 +18,8 @@ from hidlr._probing import GroupMover, snapshot
 OWN_BATCH_CHECKS = 16  # fitted slopes compared with the gradient's own, at most
 OWN_BATCH_EVIDENCE = 4  # agreeing fits that, as a majority of those compared, decide it
 SAME_DATA_TOLERANCE = 1e-5  # two losses at one point this close are one data set's
-SLOPE_STEP = 1e-3  # the steps along the gradient that measure a closure's slope: this
-# fraction of the weights' norm (of 1 for weights at zero)
+SLOPE_STEP = 0.1  # the steps along the gradient that measure a closure's slope change the
+# gradient's own loss by this fraction of one training step's change
 SLOPE_TOLERANCE = 1e-2  # a closure whose slope is this close to g's own reads g's batch
 STEP_DOT_CHUNK = 1 << 16  # elements: the scratch memory of step_dot (256 KB in float32)
 OWN_BATCH_TOLERANCE = 0.1  # a fitted slope within 10% of the gradient's own reproduces it
@@ -98,18 +98,21 @@ def own_batch_found(agreed: int, n: int) -> bool:
 def own_batch_verdict(
     params: list[torch.Tensor],
     reference: float,
+    scale: float,
     now: Callable[[], float],
     before: Callable[[], float],
 ) -> str:
     """Which batch the closure evaluates, at the step after the fits found the gradient's own
     (:func:`own_batch_found`). ``reference`` is the probe step's closure's loss at the end of
-    that step; the parameters have not moved since. ``now`` and ``before`` evaluate this
+    that step, ``scale`` the loss change of that step's update by the fits (the sum over
+    groups of ``b`` times the rate); the parameters have not moved since. ``now`` and ``before`` evaluate this
     step's closure and the probe step's again (the latter may read new data by now: a
     ``lambda`` over the loop's variables). ``params`` have this step's gradient ``g``.
 
     ``now`` gives ``reference``: one data set at every step, ``"full_batch"``. Otherwise each
-    closure's loss is measured a small step either way along ``g`` (``SLOPE_STEP`` of the
-    weights' norm; two forward passes each) and its change set against ``g``'s dot product
+    closure's loss is measured a small step either way along ``g`` (one that changes the
+    gradient's own loss by ``SLOPE_STEP`` of ``scale``; two forward passes each) and its
+    change set against ``g``'s dot product
     with the displacement actually made (float64), the change the gradient's own batch would
     show. The probe step's closure takes part only where it still reads its data (it gives
     ``reference`` again). The one within ``SLOPE_TOLERANCE`` of it, the other not, reads this
@@ -128,9 +131,8 @@ def own_batch_verdict(
         return "full_batch"
     at_before = before()
     still = abs(at_before - reference) <= SAME_DATA_TOLERANCE * abs(reference)
-    g_norm = math.sqrt(math.fsum(float(n) ** 2 for n in torch._foreach_norm(grads)))
-    w_norm = math.sqrt(math.fsum(float(n) ** 2 for n in torch._foreach_norm(params)))
-    h = SLOPE_STEP * (w_norm or 1.0) / g_norm if g_norm > 0 else 0.0
+    g_squared = math.fsum(float(n) ** 2 for n in torch._foreach_norm(grads))
+    h = SLOPE_STEP * scale / g_squared if g_squared > 0 else 0.0
     if h == 0.0 or not math.isfinite(h):
         return "unknown"
     closures = (now, before) if still else (now,)

@@ -239,7 +239,8 @@ class HiDLR(Optimizer):
         # "full_batch", "next_batch" or "warned" (see :meth:`_confirm_own_batch`); while
         # pending, the probe step's closure and its loss at the end of that step
         self._own_batch_outcome: str | None = None
-        self._own_batch_closure: tuple[Closure, float] | None = None
+        self._own_batch_closure: tuple[Closure, float, float] | None = None
+        self._own_batch_scale = 0.0
         self._confirm_next = False
         self._pending: Pending | None = None  # a deferred probe step's snapshot
         self._history: deque[ProbeRecord] = deque(
@@ -594,7 +595,8 @@ class HiDLR(Optimizer):
             # warning; at the next probe step it fails as any probe's would)
             self._confirm_next = False
             try:
-                self._own_batch_closure = (closure, self._loss_here(closure))
+                reference = self._loss_here(closure)
+                self._own_batch_closure = (closure, reference, self._own_batch_scale)
             except Exception as error:
                 self._own_batch_failed(error)
 
@@ -772,6 +774,10 @@ class HiDLR(Optimizer):
                 g["hidlr_probes"] += 1
         self._coupling, self._coupling_updates = coupling, n_coupling
         self._recent_losses = recent
+        # (one step's loss change, to size the next step's check by: sum over groups of b * rate)
+        self._own_batch_scale = math.fsum(
+            abs(fit.b[k] * used[k]) for k in active if math.isfinite(fit.b[k])
+        )
         self._warn_own_batch((agreed, compared))
         shares = self.influence_share
         records = []
@@ -841,7 +847,7 @@ class HiDLR(Optimizer):
         buffers and random state are as before, the warning is given and the error raised."""
         held, self._own_batch_closure = self._own_batch_closure, None
         assert held is not None
-        before, reference = held
+        before, reference, scale = held
         if not callable(closure):
             self._own_batch_outcome = "warned"
             warn_own_batch(*self._own_batch, deferring=False)
@@ -858,7 +864,7 @@ class HiDLR(Optimizer):
 
             try:
                 verdict = own_batch_verdict(
-                    params, reference, lambda: evaluate(closure), lambda: evaluate(before)
+                    params, reference, scale, lambda: evaluate(closure), lambda: evaluate(before)
                 )
             except BaseException as error:
                 self._own_batch_failed(error)
