@@ -115,8 +115,9 @@ def own_batch_verdict(
     change set against ``g``'s dot product
     with the displacement actually made (float64), the change the gradient's own batch would
     show. The probe step's closure takes part only where it still reads its data (it gives
-    ``reference`` again). The one within ``SLOPE_TOLERANCE`` of it, the other not, reads this
-    step's batch: ``now`` (``"own"``: the closure evaluates each step's own batch) or
+    ``reference`` again). The closer one, within ``SLOPE_TOLERANCE`` of it and at least 3x
+    closer than the other (early in training another batch's slope can come within a few
+    percent), reads this step's batch: ``now`` (``"own"``: the closure evaluates each step's own batch) or
     ``before`` (``"next_batch"``: it held the batch this step trains on, whose slope looked
     like the gradient's by chance or low noise). Neither, or both: ``"unknown"``, as when
     nothing can be measured (a gradient missing or sparse, a non-finite loss). The parameters
@@ -155,12 +156,12 @@ def own_batch_verdict(
     if not all(math.isfinite(v) for v in losses[0] + losses[1]) or not change > 0:
         return "unknown"
     off = [abs((u - d) / change - 1.0) for d, u in zip(losses[0], losses[1], strict=True)]
-    close = [o <= SLOPE_TOLERANCE for o in off]
-    if close[0] and not any(close[1:]):
-        return "own"
-    if still and close[1] and not close[0]:
-        return "next_batch"
-    return "unknown"
+    best = min(range(len(off)), key=off.__getitem__)
+    if off[best] > SLOPE_TOLERANCE or any(
+        o < 3.0 * off[best] for i, o in enumerate(off) if i != best
+    ):
+        return "unknown"
+    return "own" if best == 0 else "next_batch"
 
 
 def warn_own_batch(
