@@ -19,7 +19,8 @@ OWN_BATCH_CHECKS = 16  # fitted slopes compared with the gradient's own, at most
 OWN_BATCH_EVIDENCE = 4  # agreeing fits that, as a majority of those compared, decide it
 SAME_DATA_TOLERANCE = 1e-5  # two losses at one point this close are one data set's
 SLOPE_STEP = 0.1  # the steps along the gradient that measure a closure's slope change the
-# gradient's own loss by this fraction of one training step's change
+# gradient's own loss by this fraction of one training step's change, and by at least
+SLOPE_RESOLUTION = 1e-4  # this fraction of the loss (float32 resolves its change to 0.1%)
 SLOPE_TOLERANCE = 1e-2  # a closure whose slope is this close to g's own reads g's batch
 STEP_DOT_CHUNK = 1 << 16  # elements: the scratch memory of step_dot (256 KB in float32)
 OWN_BATCH_TOLERANCE = 0.1  # a fitted slope within 10% of the gradient's own reproduces it
@@ -111,7 +112,9 @@ def own_batch_verdict(
 
     ``now`` gives ``reference``: one data set at every step, ``"full_batch"``. Otherwise each
     closure's loss is measured a small step either way along ``g`` (one that changes the
-    gradient's own loss by ``SLOPE_STEP`` of ``scale``; two forward passes each) and its
+    gradient's own loss by ``SLOPE_STEP`` of ``scale``, at least ``SLOPE_RESOLUTION`` of the
+    loss: a rate far too small would leave float32 nothing to resolve; two forward passes
+    each) and its
     change set against ``g``'s dot product
     with the displacement actually made (float64), the change the gradient's own batch would
     show. The probe step's closure takes part only where it still reads its data (it gives
@@ -133,7 +136,8 @@ def own_batch_verdict(
     at_before = before()
     still = abs(at_before - reference) <= SAME_DATA_TOLERANCE * abs(reference)
     g_squared = math.fsum(float(n) ** 2 for n in torch._foreach_norm(grads))
-    h = SLOPE_STEP * scale / g_squared if g_squared > 0 else 0.0
+    change = max(SLOPE_STEP * scale, SLOPE_RESOLUTION * abs(at_now))
+    h = change / g_squared if g_squared > 0 else 0.0
     if h == 0.0 or not math.isfinite(h):
         return "unknown"
     closures = (now, before) if still else (now,)
@@ -152,7 +156,7 @@ def own_batch_verdict(
             torch._foreach_copy_(params, copies)
     finally:
         torch._foreach_copy_(params, copies)
-    change = moved[1] - moved[0]
+    change = moved[1] - moved[0]  # (what g's own batch would show)
     if not all(math.isfinite(v) for v in losses[0] + losses[1]) or not change > 0:
         return "unknown"
     off = [abs((u - d) / change - 1.0) for d, u in zip(losses[0], losses[1], strict=True)]
