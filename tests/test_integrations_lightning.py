@@ -177,10 +177,9 @@ def test_probes_see_the_chosen_batch(probe_batch):
         warnings.simplefilter("ignore")
         trainer.fit(net, _loader())
     # update_every=2: probe steps 0 and 2, 9 probe forwards each (with "next", run at the
-    # steps after them, on their batches); with "same" the fits find the gradient's own batch
-    # at step 2, and its closure's loss at the end of the step is kept for the next step (whose
-    # closure Lightning does not pass: the check warns and keeps the probes)
-    assert len(net.probed) == 18 + (probe_batch == "same")
+    # steps after them, on their batches; with "same" the own-batch check only warns: the
+    # callback chose the batch, and no forward pass is added)
+    assert len(net.probed) == 18
     first, second = net.probed[:9], net.probed[9:]
     expected = {"next": (1, 3), "previous": (0, 1), "same": (0, 2)}[probe_batch]
     assert all(torch.equal(x, net.trained[expected[0]]) for x in first)
