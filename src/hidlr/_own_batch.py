@@ -106,25 +106,25 @@ def own_batch_verdict(
     """Which batch the closure evaluates, at the step after the fits found the gradient's own
     (:func:`own_batch_found`). ``reference`` is the probe step's closure's loss at the end of
     that step, ``scale`` the loss change of that step's update by the fits (the sum over
-    groups of ``b`` times the rate); the parameters have not moved since. ``now`` and ``before`` evaluate this
-    step's closure and the probe step's again (the latter may read new data by now: a
-    ``lambda`` over the loop's variables). ``params`` have this step's gradient ``g``.
+    groups of ``b`` times the rate); the parameters have not moved since. ``now`` and
+    ``before`` evaluate this step's closure and the probe step's again (the latter may read
+    new data by now: a ``lambda`` over the loop's variables). ``params`` have this step's
+    gradient ``g``.
 
     ``now`` gives ``reference``: one data set at every step, ``"full_batch"``. Otherwise each
     closure's loss is measured a small step either way along ``g`` (one that changes the
     gradient's own loss by ``SLOPE_STEP`` of ``scale``, at least ``SLOPE_RESOLUTION`` of the
     loss: a rate far too small would leave float32 nothing to resolve; two forward passes
-    each) and its
-    change set against ``g``'s dot product
-    with the displacement actually made (float64), the change the gradient's own batch would
-    show. The probe step's closure takes part only where it still reads its data (it gives
-    ``reference`` again). The closer one, within ``SLOPE_TOLERANCE`` of it and at least 3x
-    closer than the other (early in training another batch's slope can come within a few
-    percent), reads this step's batch: ``now`` (``"own"``: the closure evaluates each step's own batch) or
-    ``before`` (``"next_batch"``: it held the batch this step trains on, whose slope looked
-    like the gradient's by chance or low noise). Neither, or both: ``"unknown"``, as when
-    nothing can be measured (a gradient missing or sparse, a non-finite loss). The parameters
-    end exactly where they were."""
+    each) and its change set against ``g``'s dot product with the displacement actually made
+    (float64), the change the gradient's own batch would show. The probe step's closure takes
+    part only where it still reads its data (it gives ``reference`` again). The closer one,
+    within ``SLOPE_TOLERANCE`` of it and at least 3x closer than the other (early in training
+    another batch's slope can come within a few percent), reads this step's batch: ``now``
+    (``"own"``: the closure evaluates each step's own batch) or ``before`` (``"next_batch"``:
+    it held the batch this step trains on, whose slope looked like the gradient's by chance
+    or low noise). Neither, or both: ``"unknown"``, as when nothing can be measured (a
+    gradient missing or sparse, a non-finite loss). The parameters end exactly where they
+    were."""
     grads = [p.grad for p in params if p.grad is not None]
     if not params or len(grads) < len(params) or any(g.is_sparse for g in grads):
         return "unknown"
@@ -136,8 +136,8 @@ def own_batch_verdict(
     at_before = before()
     still = abs(at_before - reference) <= SAME_DATA_TOLERANCE * abs(reference)
     g_squared = math.fsum(float(n) ** 2 for n in torch._foreach_norm(grads))
-    change = max(SLOPE_STEP * scale, SLOPE_RESOLUTION * abs(at_now))
-    h = change / g_squared if g_squared > 0 else 0.0
+    target = max(SLOPE_STEP * scale, SLOPE_RESOLUTION * abs(at_now))  # loss change on g's batch
+    h = target / g_squared if g_squared > 0 else 0.0
     if h == 0.0 or not math.isfinite(h):
         return "unknown"
     closures = (now, before) if still else (now,)

@@ -774,11 +774,11 @@ class HiDLR(Optimizer):
                 g["hidlr_probes"] += 1
         self._coupling, self._coupling_updates = coupling, n_coupling
         self._recent_losses = recent
-        # (one step's loss change, to size the next step's check by: sum over groups of b * rate)
-        self._own_batch_scale = math.fsum(
-            abs(fit.b[k] * used[k]) for k in active if math.isfinite(fit.b[k])
-        )
         self._warn_own_batch((agreed, compared))
+        if self._confirm_next:  # one update's loss change by the fits sizes the next step's check
+            self._own_batch_scale = math.fsum(
+                abs(fit.b[k] * used[k]) for k in active if math.isfinite(fit.b[k])
+            )
         shares = self.influence_share
         records = []
         for k, g in enumerate(groups):
