@@ -485,7 +485,7 @@ def test_cli_robustness_passes_the_policy(monkeypatch, tmp_path, capsys):
 
 def test_tasks_are_well_formed():
     assert len(TASKS) >= 10
-    assert {t.split for t in TASKS.values()} == {"tune", "heldout", "fresh", "unseen"}
+    assert {t.split for t in TASKS.values()} == {"tune", "heldout", "fresh", "unseen", "blind"}
     assert {t.base for t in TASKS.values()} == {"sgd", "momentum", "adam", "adamw"}
     assert (
         min(t.batch_size for t in TASKS.values()) <= 16

@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--seeds", type=_positive(int), default=3, help="seeds per task (default: 3)")
     rob.add_argument(
         "--split",
-        choices=("all", "tune", "heldout", "fresh", "unseen"),
+        choices=("all", "tune", "heldout", "fresh", "unseen", "blind"),
         default="all",
         help="which tasks",
     )

@@ -6,7 +6,8 @@ parameters, a base optimizer, a batch size, a step budget and a 7-point constant
 defaults; the other half (``split="heldout"``) only reports. The ``split="fresh"`` tasks were
 added in session 9, after the held-out half had been looked at by several studies: they are
 run once on a default chosen without them and report only. The ``split="unseen"`` tasks were
-added in session 10, the same way, once session 9's changes had looked at the fresh ones.
+added in session 10, the same way, once session 9's changes had looked at the fresh ones, and
+the ``split="blind"`` tasks in session 11, once session 10's had looked at the unseen ones.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Task:
     batch_size: int
     steps: int
     grid: tuple[float, ...]
-    split: str  # "tune" | "heldout" | "fresh" | "unseen"
+    split: str  # "tune" | "heldout" | "fresh" | "unseen" | "blind"
     grouping: str
     build: Callable[[int], Problem]
 
@@ -519,6 +520,115 @@ def deepset_sum(seed: int) -> Problem:
     return Problem(model, by_subnetwork(model, model), *_split(x, y, 600), _mse)
 
 
+def _pinball(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The quantile (pinball) loss at the quantiles 0.1, 0.5 and 0.9, one per output."""
+    q = torch.tensor([0.1, 0.5, 0.9])
+    err = y - pred
+    return torch.maximum(q * err, (q - 1) * err).mean()
+
+
+def quantile_pinball(seed: int) -> Problem:
+    g = _gen(121)
+    n, d = 4000, 6
+    x = torch.randn(n, d, generator=g)
+    centre = torch.sin(x[:, 0]) + 0.5 * x[:, 1] * x[:, 2]
+    spread = 0.2 + torch.sigmoid(2 * x[:, 3])  # the noise's scale depends on the input
+    y = (centre + spread * torch.randn(n, generator=g))[:, None]
+    torch.manual_seed(seed)
+    model = MLP([d, 64, 64, 3])
+    return Problem(model, by_depth(model), *_split(x, y, 800), _pinball)
+
+
+class _PairEncoder(nn.Module):
+    """One encoder applied to both views of a pair, then a projection head."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.encoder = MLP([d, 64, 32])
+        self.projection = MLP([32, 32, 16])
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        return self.projection(torch.relu(self.encoder(pairs)))
+
+
+def _info_nce(z: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+    """InfoNCE over the batch: each first view against every second view, temperature 0.2."""
+    a, b = nn.functional.normalize(z[:, 0], dim=1), nn.functional.normalize(z[:, 1], dim=1)
+    logits = a @ b.T / 0.2
+    return nn.functional.cross_entropy(logits, torch.arange(z.shape[0]))
+
+
+def contrastive_pairs(seed: int) -> Problem:
+    g = _gen(122)
+    n, d, latent = 4000, 16, 4
+    mix = torch.randn(latent, d, generator=g)
+    z = torch.randn(n, latent, generator=g)
+    clean = torch.tanh(z @ mix)
+    views = clean[:, None, :] + 0.3 * torch.randn(n, 2, d, generator=g)  # two noisy views
+    torch.manual_seed(seed)
+    model = _PairEncoder(d)
+    groups = by_subnetwork(model, model)
+    return Problem(model, groups, *_split(views, torch.zeros(n), 800), _info_nce)
+
+
+class _CharLSTM(nn.Module):
+    """Embedding, one LSTM layer, a linear decoder to the next character."""
+
+    def __init__(self, vocab: int, dim: int = 24, hidden: int = 48) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, hidden, batch_first=True)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.lstm(self.embedding(tokens))[0])
+
+
+def _next_token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def char_lstm(seed: int) -> Problem:
+    g = _gen(123)
+    n, length, vocab = 1500, 33, 12
+    # a second-order Markov source: each character depends on the two before it
+    table = torch.softmax(3 * torch.randn(vocab, vocab, vocab, generator=g), dim=2)
+    seq = torch.zeros(n, length, dtype=torch.long)
+    seq[:, :2] = torch.randint(0, vocab, (n, 2), generator=g)
+    for t in range(2, length):
+        seq[:, t] = torch.multinomial(table[seq[:, t - 2], seq[:, t - 1]], 1, generator=g)[:, 0]
+    torch.manual_seed(seed)
+    model = _CharLSTM(vocab)
+    return Problem(
+        model, by_subnetwork(model, model), *_split(seq[:, :-1], seq[:, 1:], 300), _next_token_ce
+    )
+
+
+class _Sine(nn.Module):
+    def __init__(self, frequency: float) -> None:
+        super().__init__()
+        self.frequency = frequency
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.frequency * x)
+
+
+def siren_field(seed: int) -> Problem:
+    g = _gen(124)
+    n = 5000
+    xy = torch.rand(n, 2, generator=g) * 2 - 1
+    bumps = torch.exp(
+        -((xy[:, None, :] - torch.tensor([[0.3, 0.2], [-0.5, -0.4]])) ** 2).sum(2) / 0.05
+    )
+    y = (bumps.sum(1) + 0.3 * torch.sin(6 * xy[:, 0]) * torch.cos(4 * xy[:, 1]))[:, None]
+    y = y + 0.02 * torch.randn(n, 1, generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(2, 64), _Sine(6.0), nn.Linear(64, 64), _Sine(1.0), nn.Linear(64, 1)
+    )
+    return Problem(model, by_depth(model), *_split(xy, y, 1000), _mse)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -741,6 +851,50 @@ TASKS: dict[str, Task] = {
             "unseen",
             "phi/rho",
             deepset_sum,
+        ),
+        Task(
+            "quantile_pinball",
+            "regression",
+            "momentum",
+            64,
+            500,
+            grid_3_per_decade(-3),
+            "blind",
+            "per-layer",
+            quantile_pinball,
+        ),
+        Task(
+            "contrastive_pairs",
+            "regression",
+            "adam",
+            128,
+            400,
+            grid_3_per_decade(-4),
+            "blind",
+            "encoder/projection",
+            contrastive_pairs,
+        ),
+        Task(
+            "char_lstm",
+            "classification",
+            "adamw",
+            32,
+            500,
+            grid_3_per_decade(-4),
+            "blind",
+            "embedding/lstm/decoder",
+            char_lstm,
+        ),
+        Task(
+            "siren_field",
+            "regression",
+            "sgd",
+            256,
+            500,
+            grid_3_per_decade(-2),
+            "blind",
+            "per-layer",
+            siren_field,
         ),
     ]
 }
