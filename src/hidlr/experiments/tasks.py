@@ -865,7 +865,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             "contrastive_pairs",
-            "regression",
+            "classification",
             "adam",
             128,
             400,
