@@ -485,7 +485,14 @@ def test_cli_robustness_passes_the_policy(monkeypatch, tmp_path, capsys):
 
 def test_tasks_are_well_formed():
     assert len(TASKS) >= 10
-    assert {t.split for t in TASKS.values()} == {"tune", "heldout", "fresh", "unseen", "blind"}
+    assert {t.split for t in TASKS.values()} == {
+        "tune",
+        "heldout",
+        "fresh",
+        "unseen",
+        "blind",
+        "real",
+    }
     assert {t.base for t in TASKS.values()} == {"sgd", "momentum", "adam", "adamw"}
     assert (
         min(t.batch_size for t in TASKS.values()) <= 16
@@ -493,6 +500,8 @@ def test_tasks_are_well_formed():
     )
     for task in TASKS.values():
         assert len(task.grid) == 7
+        if not task.available():  # real data not installed (Fashion-MNIST comes from apt)
+            continue
         problem = task.problem(0)
         covered = [p for g in problem.groups for p in g["params"]]
         trainable = [p for p in problem.model.parameters() if p.requires_grad]
@@ -731,10 +740,38 @@ def test_every_task_builds_the_same_data_whatever_the_global_random_state():
     # a task's data comes from its own generator: the benchmark builds tasks in worker
     # processes whose global random state differs from run to run
     for name, task in TASKS.items():
+        if not task.available():
+            continue
         torch.manual_seed(1)
         first = task.problem(0)
+        if task.data is not None:  # a real task's data is cached: load it again
+            task.data.cache_clear()  # type: ignore[attr-defined]
         torch.manual_seed(2)
         torch.rand(7)
         second = task.problem(0)
         for a, b in zip((*first.train, *first.val), (*second.train, *second.val), strict=True):
             assert torch.equal(a, b), name
+
+
+def test_a_task_whose_data_is_missing_is_left_out_with_a_message(monkeypatch, capsys):
+    from dataclasses import replace
+
+    from hidlr import cli
+    from hidlr.experiments import robustness, tasks
+
+    def missing() -> None:
+        raise FileNotFoundError("Fashion-MNIST is not in /nowhere: apt-get install ...")
+
+    task = replace(tasks.TASKS["fashion_cnn"], data=missing)
+    assert not task.available() and tasks.TASKS["logistic_wide"].available()
+    monkeypatch.setitem(tasks.TASKS, "fashion_cnn", task)
+    seen = {}
+
+    def fake(out, **kwargs):
+        seen.update(kwargs)
+        raise robustness.SettingsMismatch("stop here")
+
+    monkeypatch.setattr(robustness, "run_benchmark", fake)
+    assert cli.main(["bench", "robustness", "--split", "real", "--out", "unused"]) == 2
+    assert "left out, their data is not installed: fashion_cnn" in capsys.readouterr().err
+    assert "fashion_cnn" not in seen["tasks"] and "california_mlp" in seen["tasks"]

@@ -389,7 +389,7 @@ def _rates_over_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _headline(tasks: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for split in ("tune", "heldout", "fresh", "unseen", "blind", "all"):
+    for split in ("tune", "heldout", "fresh", "unseen", "blind", "real", "all"):
         rows = [r for r in tasks.values() if split == "all" or r["split"] == split]
         if not rows or not all("hidlr" in r["methods"] for r in rows):
             continue

