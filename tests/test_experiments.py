@@ -498,16 +498,24 @@ def test_tasks_are_well_formed():
         min(t.batch_size for t in TASKS.values()) <= 16
         and max(t.batch_size for t in TASKS.values()) >= 512
     )
-    for task in TASKS.values():
-        assert len(task.grid) == 7
-        if not task.available():  # real data not installed (Fashion-MNIST comes from apt)
-            continue
-        problem = task.problem(0)
-        covered = [p for g in problem.groups for p in g["params"]]
-        trainable = [p for p in problem.model.parameters() if p.requires_grad]
-        assert len(covered) == len(trainable) and {id(p) for p in covered} == {
-            id(p) for p in trainable
-        }
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_each_task_builds_groups_covering_its_model_and_a_finite_scalar_loss(name):
+    task = TASKS[name]
+    assert len(task.grid) == 7
+    if not task.available():  # real data not installed (Fashion-MNIST comes from apt)
+        pytest.skip(f"{name}: its data is not installed")
+    problem = task.problem(0)
+    covered = [p for g in problem.groups for p in g["params"]]
+    trainable = [p for p in problem.model.parameters() if p.requires_grad]
+    assert len(covered) == len(trainable) and {id(p) for p in covered} == {id(p) for p in trainable}
+    x, y = problem.train
+    assert len(x) == len(y) >= task.batch_size and len(problem.val[0]) == len(problem.val[1])
+    loss = problem.loss_fn(problem.model(x[: task.batch_size]), y[: task.batch_size])
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in trainable)
 
 
 def test_missing_data_gives_the_install_command(tmp_path):
@@ -736,21 +744,22 @@ def test_rates_and_wall_time_leave_out_runs_that_stopped_early(tmp_path):
     assert info["rates"][0] == pytest.approx([0.01, 0.03, 0.05, 0.07, 0.09])
 
 
-def test_every_task_builds_the_same_data_whatever_the_global_random_state():
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_task_builds_the_same_data_whatever_the_global_random_state(name):
     # a task's data comes from its own generator: the benchmark builds tasks in worker
     # processes whose global random state differs from run to run
-    for name, task in TASKS.items():
-        if not task.available():
-            continue
-        torch.manual_seed(1)
-        first = task.problem(0)
-        if task.data is not None:  # a real task's data is cached: load it again
-            task.data.cache_clear()  # type: ignore[attr-defined]
-        torch.manual_seed(2)
-        torch.rand(7)
-        second = task.problem(0)
-        for a, b in zip((*first.train, *first.val), (*second.train, *second.val), strict=True):
-            assert torch.equal(a, b), name
+    task = TASKS[name]
+    if not task.available():
+        pytest.skip(f"{name}: its data is not installed")
+    torch.manual_seed(1)
+    first = task.problem(0)
+    if task.data is not None:  # a real task's data is cached: load it again
+        task.data.cache_clear()  # type: ignore[attr-defined]
+    torch.manual_seed(2)
+    torch.rand(7)
+    second = task.problem(0)
+    for a, b in zip((*first.train, *first.val), (*second.train, *second.val), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_a_task_whose_data_is_missing_is_left_out_with_a_message(monkeypatch, capsys):
@@ -762,9 +771,14 @@ def test_a_task_whose_data_is_missing_is_left_out_with_a_message(monkeypatch, ca
     def missing() -> None:
         raise FileNotFoundError("Fashion-MNIST is not in /nowhere: apt-get install ...")
 
-    task = replace(tasks.TASKS["fashion_cnn"], data=missing)
-    assert not task.available() and tasks.TASKS["logistic_wide"].available()
-    monkeypatch.setitem(tasks.TASKS, "fashion_cnn", task)
+    def present() -> None:
+        return None
+
+    monkeypatch.setitem(tasks.TASKS, "fashion_cnn", replace(TASKS["fashion_cnn"], data=missing))
+    monkeypatch.setitem(
+        tasks.TASKS, "california_mlp", replace(TASKS["california_mlp"], data=present)
+    )
+    assert not tasks.TASKS["fashion_cnn"].available()
     seen = {}
 
     def fake(out, **kwargs):
@@ -772,6 +786,11 @@ def test_a_task_whose_data_is_missing_is_left_out_with_a_message(monkeypatch, ca
         raise robustness.SettingsMismatch("stop here")
 
     monkeypatch.setattr(robustness, "run_benchmark", fake)
-    assert cli.main(["bench", "robustness", "--split", "real", "--out", "unused"]) == 2
+    args = ["bench", "robustness", "--out", "unused", "--tasks"]
+    assert cli.main([*args, "fashion_cnn", "california_mlp"]) == 2
     assert "left out, their data is not installed: fashion_cnn" in capsys.readouterr().err
-    assert "fashion_cnn" not in seen["tasks"] and "california_mlp" in seen["tasks"]
+    assert seen["tasks"] == ["california_mlp"]
+    seen.clear()
+    # nothing left to run: no benchmark at all (an empty list is not "every task")
+    assert cli.main([*args, "fashion_cnn"]) == 2
+    assert "fashion_cnn" in capsys.readouterr().err and not seen

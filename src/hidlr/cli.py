@@ -64,6 +64,8 @@ def _bench_robustness(args: argparse.Namespace) -> int:
     if missing:  # real data that is not installed: say so, run the rest
         print(f"left out, their data is not installed: {', '.join(missing)}", file=sys.stderr)
         tasks = [n for n in tasks if n not in missing]
+        if not tasks:
+            return 2
 
     def progress(i: int, total: int, record: dict) -> None:
         print(
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     rob = bench.add_parser(
-        "robustness", help="Hi-DLR vs grid search and LR-free optimizers on 16 tasks"
+        "robustness", help="Hi-DLR vs grid search and LR-free optimizers on small tasks"
     )
     rob.add_argument(
         "--out", default="runs/robustness", help="results folder (resumes what is there)"
@@ -211,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split",
         choices=("all", "tune", "heldout", "fresh", "unseen", "blind", "real"),
         default="all",
-        help="which tasks",
+        help="which tasks (real: real data, left out where it is not installed)",
     )
     rob.add_argument("--tasks", nargs="*", help="task names (default: the split's)")
     rob.add_argument("--no-sweep", action="store_true", help="skip the initial-rate sweep")

@@ -156,7 +156,7 @@ def run_benchmark(
     else:
         config_path.write_text(json.dumps(config, indent=1) + "\n")
     settings = (dict(hidlr_options or {}), probe_batch, steps_scale, schedule)
-    names = list(tasks or TASKS)
+    names = list(TASKS if tasks is None else tasks)
     _execute(path, jobs_for(names, seeds, sweep), settings, workers, progress)
     for _ in range(GRID_EXTENSIONS):
         extra = edge_jobs(path, names, seeds)
