@@ -543,7 +543,7 @@ def deepset_sum(seed: int) -> Problem:
 
 def _pinball(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The quantile (pinball) loss at the quantiles 0.1, 0.5 and 0.9, one per output."""
-    q = torch.tensor([0.1, 0.5, 0.9])
+    q = torch.tensor([0.1, 0.5, 0.9], device=pred.device)
     err = y - pred
     return torch.maximum(q * err, (q - 1) * err).mean()
 
