@@ -690,17 +690,17 @@ REVIEW_VOCAB, REVIEW_LENGTH = 3000, 64
 def _reviews() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     texts, labels = clothing_reviews()
     g = _gen(126)
+    n_val = 1500  # the first rows of the sample validate
     order = torch.randperm(len(texts), generator=g)[:7500].tolist()
     words = [re.findall(r"[a-z']+", texts[i].lower()) for i in order]
     # the vocabulary from the training part only; other words are dropped, 0 pads
-    counts = Counter(w for ws in words[1500:] for w in ws)
+    counts = Counter(w for ws in words[n_val:] for w in ws)
     index = {w: i + 1 for i, (w, _) in enumerate(counts.most_common(REVIEW_VOCAB))}
     tokens = torch.zeros(len(order), REVIEW_LENGTH, dtype=torch.long)
     for row, ws in enumerate(words):
         ids = [index[w] for w in ws if w in index][:REVIEW_LENGTH]
         tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    y = labels[order]
-    return (tokens[1500:], y[1500:]), (tokens[:1500], y[:1500])
+    return _split(tokens, labels[order], n_val)
 
 
 def reviews_bow(seed: int) -> Problem:
