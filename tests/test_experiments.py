@@ -24,7 +24,7 @@ from hidlr.experiments.robustness import (
     run_benchmark,
     summarize,
 )
-from hidlr.experiments.tasks import TASKS
+from hidlr.experiments.tasks import SPLITS, TASKS
 
 
 def test_run_specs_writes_once_and_resumes(tmp_path):
@@ -485,14 +485,7 @@ def test_cli_robustness_passes_the_policy(monkeypatch, tmp_path, capsys):
 
 def test_tasks_are_well_formed():
     assert len(TASKS) >= 10
-    assert {t.split for t in TASKS.values()} == {
-        "tune",
-        "heldout",
-        "fresh",
-        "unseen",
-        "blind",
-        "real",
-    }
+    assert {t.split for t in TASKS.values()} == set(SPLITS)
     assert {t.base for t in TASKS.values()} == {"sgd", "momentum", "adam", "adamw"}
     assert (
         min(t.batch_size for t in TASKS.values()) <= 16
@@ -516,6 +509,17 @@ def test_each_task_builds_groups_covering_its_model_and_a_finite_scalar_loss(nam
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in trainable)
+
+
+def test_the_cli_offers_every_split():
+    from hidlr import cli
+
+    parser = cli.build_parser()
+    for split in (*SPLITS, "all"):
+        args = parser.parse_args(["bench", "robustness", "--split", split])
+        assert args.split == split
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "robustness", "--split", "blind3"])
 
 
 def test_missing_data_gives_the_install_command(tmp_path):

@@ -211,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--seeds", type=_positive(int), default=3, help="seeds per task (default: 3)")
     rob.add_argument(
         "--split",
-        choices=("all", "tune", "heldout", "fresh", "unseen", "blind", "real"),
+        choices=("all", "tune", "heldout", "fresh", "unseen", "blind", "real", "blind2"),
         default="all",
-        help="which tasks (real: real data, left out where it is not installed)",
+        help="which tasks (those on real data are left out where it is not installed)",
     )
     rob.add_argument("--tasks", nargs="*", help="task names (default: the split's)")
     rob.add_argument("--no-sweep", action="store_true", help="skip the initial-rate sweep")

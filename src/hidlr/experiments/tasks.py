@@ -27,7 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from hidlr.experiments.data import california_housing, clothing_reviews, fashion_mnist
+from hidlr.experiments.data import (
+    adult_income,
+    california_housing,
+    clothing_reviews,
+    fashion_mnist,
+    movielens_100k,
+    river_flow,
+)
 from hidlr.experiments.models import (
     MLP,
     NAM,
@@ -39,7 +46,11 @@ from hidlr.experiments.models import (
 )
 from hidlr.groups import by_depth, by_lora, by_patterns, by_role, by_subnetwork
 
-__all__ = ["TASKS", "Problem", "Task", "grid_3_per_decade"]
+__all__ = ["SPLITS", "TASKS", "Problem", "Task", "grid_3_per_decade"]
+
+# the task sets in the order they were written; each later one was run before any change
+# to the defaults that followed it ("real": the first tasks on real data)
+SPLITS = ("tune", "heldout", "fresh", "unseen", "blind", "real", "blind2")
 
 
 @dataclass
@@ -61,7 +72,7 @@ class Task:
     batch_size: int
     steps: int
     grid: tuple[float, ...]
-    split: str  # "tune" | "heldout" | "fresh" | "unseen" | "blind" | "real"
+    split: str  # one of SPLITS
     grouping: str
     build: Callable[[int], Problem]
     data: Callable[[], object] | None = None  # loads (and caches) a real task's data
@@ -711,6 +722,122 @@ def reviews_bow(seed: int) -> Problem:
     return Problem(model, groups, train, val, _ce)
 
 
+# -- the second blind set (session 12): written and committed before any Hi-DLR run on them ----
+
+
+class _DilatedForecaster(nn.Module):
+    """Causal convolutions with dilations 1, 2, 4 and 8 over a window, then a linear head
+    that forecasts the next values from the last position's features."""
+
+    def __init__(self, horizon: int, channels: int = 16) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Conv1d(1 if i == 0 else channels, channels, 2, dilation=2**i) for i in range(4)
+        )
+        self.head = nn.Linear(channels, horizon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x[:, None, :]
+        for i, conv in enumerate(self.layers):
+            h = torch.relu(conv(nn.functional.pad(h, (2**i, 0))))
+        return self.head(h[:, :, -1])
+
+
+def dilated_forecast(seed: int) -> Problem:
+    g = _gen(127)
+    n, window, horizon = 5000, 64, 8
+    t = torch.arange(window + horizon, dtype=torch.float32)
+    freq = 0.05 + 0.25 * torch.rand(n, 2, generator=g)
+    phase = 2 * math.pi * torch.rand(n, 2, generator=g)
+    amp = 0.5 + torch.rand(n, 2, generator=g)
+    series = (amp[:, :, None] * torch.sin(freq[:, :, None] * t + phase[:, :, None])).sum(1)
+    series = series + 0.1 * torch.randn(n, window + horizon, generator=g)
+    torch.manual_seed(seed)
+    model = _DilatedForecaster(horizon)
+    x, y = series[:, :window], series[:, window:]
+    return Problem(model, by_depth(model), *_split(x, y, 1000), _mse)
+
+
+class _Tabular(nn.Module):
+    """Categorical columns through one embedding table (each column its own rows), numeric
+    columns as they are, then an MLP. The input packs the integer codes (as floats) first."""
+
+    def __init__(self, levels: list[int], n_numeric: int, dim: int = 8) -> None:
+        super().__init__()
+        self.starts: torch.Tensor
+        self.register_buffer("starts", torch.tensor([0, *levels[:-1]]).cumsum(0))
+        self.embed = nn.Embedding(sum(levels), dim)
+        self.body = MLP([len(levels) * dim + n_numeric, 64, 32])
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.starts.numel()
+        codes = x[:, :k].long() + self.starts
+        h = torch.cat([self.embed(codes).flatten(1), x[:, k:]], dim=1)
+        return self.head(torch.relu(self.body(h)))
+
+
+@functools.cache
+def _adult() -> tuple[
+    tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], list[int]
+]:
+    d = adult_income()
+    order = torch.randperm(d["y"].shape[0], generator=_gen(128))[:25000]
+    n_val = 5000  # the first rows of the sample validate
+    num = d["num"][order]
+    mean, std = num[n_val:].mean(0), num[n_val:].std(0).clamp_min(1e-6)
+    x = torch.cat([d["cat"][order].float(), (num - mean) / std], dim=1)
+    train, val = _split(x, d["y"][order, None], n_val)
+    return train, val, d["levels"]
+
+
+def adult_tabular(seed: int) -> Problem:
+    train, val, levels = _adult()
+    torch.manual_seed(seed)
+    model = _Tabular(levels, train[0].shape[1] - len(levels))
+    groups = by_patterns(model, {"embeddings": r"^embed\.", "body": r"^body\."}, rest="head")
+    return Problem(model, groups, train, val, _bce)
+
+
+@functools.cache
+def _movielens() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    d = movielens_100k()
+    order = torch.randperm(d["rating"].shape[0], generator=_gen(129))
+    return _split(d["pairs"][order], d["rating"][order], 10000)
+
+
+def movielens_mf(seed: int) -> Problem:
+    train, val = _movielens()
+    users, items = 943, 1682
+    torch.manual_seed(seed)
+    model = _Ratings(users, items, dim=16)
+    groups = by_patterns(
+        model, {"users": r"^user\.", "items": r"^item\.", "biases": r"bias|offset"}
+    )
+    return Problem(model, groups, train, val, _mse)
+
+
+@functools.cache
+def _river() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    d = river_flow()  # the package's two parts pooled, then split at random
+    x, y = torch.cat([d["x"], d["x_test"]]), torch.cat([d["y"], d["y_test"]])
+    order = torch.randperm(x.shape[0], generator=_gen(130))
+    x, y = x[order], y[order]
+    n_val = 2000  # the first rows validate; the statistics come from the rest
+    x = (x - x[n_val:].mean(0)) / x[n_val:].std(0).clamp_min(1e-6)
+    y = (y - y[n_val:].mean(0)) / y[n_val:].std(0).clamp_min(1e-6)
+    return _split(x, y, n_val)
+
+
+def river_heads(seed: int) -> Problem:
+    train, val = _river()
+    torch.manual_seed(seed)
+    model = MultiHead(64, 8, hidden=64)
+    heads = {f"gauge{i}": rf"^heads\.{i}\." for i in range(8)}
+    groups = by_patterns(model, {"trunk": r"^trunk\.", **heads})
+    return Problem(model, groups, train, val, _mse)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -1013,6 +1140,53 @@ TASKS: dict[str, Task] = {
             "embeddings/classifier",
             reviews_bow,
             _reviews,
+        ),
+        Task(
+            "dilated_forecast",
+            "regression",
+            "adam",
+            64,
+            500,
+            grid_3_per_decade(-3),
+            "blind2",
+            "per-layer",
+            dilated_forecast,
+        ),
+        Task(
+            "adult_tabular",
+            "classification",
+            "adamw",
+            512,
+            400,
+            grid_3_per_decade(-4),
+            "blind2",
+            "embeddings/body/head",
+            adult_tabular,
+            _adult,
+        ),
+        Task(
+            "movielens_mf",
+            "regression",
+            "momentum",
+            128,
+            1000,
+            grid_3_per_decade(-2),
+            "blind2",
+            "users/items/biases",
+            movielens_mf,
+            _movielens,
+        ),
+        Task(
+            "river_heads",
+            "regression",
+            "sgd",
+            16,
+            800,
+            grid_3_per_decade(-2),
+            "blind2",
+            "trunk/8 heads",
+            river_heads,
+            _river,
         ),
     ]
 }
