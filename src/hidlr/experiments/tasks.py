@@ -800,15 +800,17 @@ def adult_tabular(seed: int) -> Problem:
 
 
 @functools.cache
-def _movielens() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def _movielens() -> tuple[
+    tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], tuple[int, int]
+]:
     d = movielens_100k()
     order = torch.randperm(d["rating"].shape[0], generator=_gen(129))
-    return _split(d["pairs"][order], d["rating"][order], 10000)
+    train, val = _split(d["pairs"][order], d["rating"][order], 10000)
+    return train, val, (d["users"], d["items"])
 
 
 def movielens_mf(seed: int) -> Problem:
-    train, val = _movielens()
-    users, items = 943, 1682
+    train, val, (users, items) = _movielens()
     torch.manual_seed(seed)
     model = _Ratings(users, items, dim=16)
     groups = by_patterns(
