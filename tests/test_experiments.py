@@ -675,7 +675,12 @@ def test_interrupting_the_benchmark_stops_its_workers(tmp_path):
     command = [sys.executable, "-m", "hidlr", "bench", "robustness", "--out", str(out)]
     command += ["--tasks", "friedman_mlp", "--seeds", "3", "--steps-scale", "0.3"]
     proc = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        # a shell that runs this in the background ignores SIGINT, and the child would inherit it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     runs = out / "runs.jsonl"
     deadline = time.monotonic() + 120
