@@ -22,6 +22,7 @@ __all__ = [
     "fashion_mnist",
     "movielens_100k",
     "river_flow",
+    "standardize",
     "widedeep_table",
 ]
 
@@ -48,7 +49,8 @@ def widedeep_table(name: str) -> Any:
     return pd.read_parquet(path)
 
 
-def _standardize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def standardize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both parts with the training part's column means and standard deviations."""
     mean, std = train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
     return (train - mean) / std, (test - mean) / std
 
@@ -61,7 +63,7 @@ def california_housing(seed: int, test_fraction: float = 0.2) -> dict[str, torch
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     n_test = int(test_fraction * x.shape[0])
     test, train = perm[:n_test], perm[n_test:]
-    x_train, x_test = _standardize(x[train], x[test])
+    x_train, x_test = standardize(x[train], x[test])
     return {"x": x_train, "y": y[train], "x_test": x_test, "y_test": y[test]}
 
 
@@ -77,7 +79,7 @@ def birds() -> dict[str, Any]:
         return x, y
 
     (x, y), (xt, yt) = tensors(train), tensors(test)
-    x, xt = _standardize(x, xt)
+    x, xt = standardize(x, xt)
     return {"x": x, "y": y, "x_test": xt, "y_test": yt, "labels": labels}
 
 

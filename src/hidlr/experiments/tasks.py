@@ -34,6 +34,7 @@ from hidlr.experiments.data import (
     fashion_mnist,
     movielens_100k,
     river_flow,
+    standardize,
 )
 from hidlr.experiments.models import (
     MLP,
@@ -784,9 +785,8 @@ def _adult() -> tuple[
     d = adult_income()
     order = torch.randperm(d["y"].shape[0], generator=_gen(128))[:25000]
     n_val = 5000  # the first rows of the sample validate
-    num = d["num"][order]
-    mean, std = num[n_val:].mean(0), num[n_val:].std(0).clamp_min(1e-6)
-    x = torch.cat([d["cat"][order].float(), (num - mean) / std], dim=1)
+    num_train, num_val = standardize(d["num"][order[n_val:]], d["num"][order[:n_val]])
+    x = torch.cat([d["cat"][order].float(), torch.cat([num_val, num_train])], dim=1)
     train, val = _split(x, d["y"][order, None], n_val)
     return train, val, d["levels"]
 
@@ -826,9 +826,8 @@ def _river() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, tor
     order = torch.randperm(x.shape[0], generator=_gen(130))
     x, y = x[order], y[order]
     n_val = 2000  # the first rows validate; the statistics come from the rest
-    x = (x - x[n_val:].mean(0)) / x[n_val:].std(0).clamp_min(1e-6)
-    y = (y - y[n_val:].mean(0)) / y[n_val:].std(0).clamp_min(1e-6)
-    return _split(x, y, n_val)
+    (x_train, x_val), (y_train, y_val) = (standardize(t[n_val:], t[:n_val]) for t in (x, y))
+    return (x_train, y_train), (x_val, y_val)
 
 
 def river_heads(seed: int) -> Problem:
