@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
             "blind2",
             "blind3",
             "blind4",
+            "blind5",
         ),
         default="all",
         help="which tasks (those on real data are left out where it is not installed)",

@@ -1136,10 +1136,11 @@ class _ResBlocks(nn.Module):
     def __init__(self, d: int, width: int = 48, depth: int = 6) -> None:
         super().__init__()
         self.stem = nn.Linear(d, width)
-        self.blocks = nn.ModuleList(MLP([width, width, width]) for _ in range(depth))
-        for block in self.blocks:
-            nn.init.zeros_(block[-1].weight)
-            nn.init.zeros_(block[-1].bias)
+        blocks = [MLP([width, width, width]) for _ in range(depth)]
+        for block in blocks:
+            for p in block[-1].parameters():
+                nn.init.zeros_(p)
+        self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
