@@ -101,7 +101,7 @@ def test_low_influence_group_is_frozen_for_real(tmp_path):
     torch.save({"m": model.state_dict(), "o": opt.state_dict()}, tmp_path / "after.pt")
     calls: list[int] = []
     run(model, opt, 4, calls)
-    assert len(calls) == 2 * 4  # two probe steps, probes for the live group only
+    assert len(calls) == 2 * 5  # two probe steps: the loss at w0 and the live group's probes
     assert all(p.grad is None for p in useless)  # no gradient is computed for it
     assert all(torch.equal(p, q) for p, q in zip(useless, before, strict=True))
     assert opt.history[-1].groups[1].reason == "frozen"

@@ -147,8 +147,9 @@ def test_probe_loss_passed_to_the_callback():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(net, _loader())
-    # two probe steps of the robust policy with two groups: 4 + 4 probes and the combined step
-    assert calls == [16] * 18
+    # two probe steps of the robust policy with two groups: the loss at w0, 4 + 4 probes and
+    # the combined step
+    assert calls == [16] * 20
     assert _opt(trainer).steps == BATCHES_PER_EPOCH
 
 
@@ -176,11 +177,11 @@ def test_probes_see_the_chosen_batch(probe_batch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(net, _loader())
-    # update_every=2: probe steps 0 and 2, 9 probe forwards each (with "next", run at the
+    # update_every=2: probe steps 0 and 2, 10 probe forwards each (with "next", run at the
     # steps after them, on their batches; with "same" the own-batch check only warns: the
     # callback chose the batch, and no forward pass is added)
-    assert len(net.probed) == 18
-    first, second = net.probed[:9], net.probed[9:]
+    assert len(net.probed) == 20
+    first, second = net.probed[:10], net.probed[10:]
     expected = {"next": (1, 3), "previous": (0, 1), "same": (0, 2)}[probe_batch]
     assert all(torch.equal(x, net.trained[expected[0]]) for x in first)
     assert all(torch.equal(x, net.trained[expected[1]]) for x in second)
@@ -247,9 +248,9 @@ def test_resuming_a_previous_batch_checkpoint_with_the_default_probes_the_next(t
         trainer.fit(net, _loader(), ckpt_path=path)
     assert _opt(trainer).options["defer_probes"] is True
     # steps 4 and 6 probe (update_every=2), at steps 5 and 7, on their batches
-    assert len(net.trained) == 4 and len(net.probed) == 18
-    assert all(torch.equal(x, net.trained[1]) for x in net.probed[:9])
-    assert all(torch.equal(x, net.trained[3]) for x in net.probed[9:])
+    assert len(net.trained) == 4 and len(net.probed) == 20
+    assert all(torch.equal(x, net.trained[1]) for x in net.probed[:10])
+    assert all(torch.equal(x, net.trained[3]) for x in net.probed[10:])
 
 
 # -- found by review ------------------------------------------------------------------------------

@@ -31,15 +31,16 @@ def test_paper_bound_and_forward_count():
     assert paper_bound(2, 8) == pytest.approx(0.75)  # the paper's K=2, Phi=8 example
     assert paper_bound(1, 1) == pytest.approx(3 / 7)
     assert paper_bound(40, 16) == pytest.approx(1 / (1 + 160 / 48))
-    assert forwards_per_probe_step(1, "paper") == forwards_per_probe_step(1, "robust") == 4
+    assert forwards_per_probe_step(1, "paper") == 4
+    assert forwards_per_probe_step(1, "robust") == 5  # the measured loss at w0
     assert forwards_per_probe_step(2, "paper") == 8
-    assert forwards_per_probe_step(2, "robust") == 9  # the combined step's extra probe
+    assert forwards_per_probe_step(2, "robust") == 10  # and the combined step's extra probe
 
 
 def test_implementation_limit():
     # S = 3 ms, F = 1 ms, K = 2, Phi = 8: 8 forwards every 8 steps -> 3 / (3 + 1)
     assert implementation_limit(3.0, 1.0, 2, 8, "paper") == pytest.approx(0.75)
-    assert implementation_limit(3.0, 1.0, 2, 9, "robust") == pytest.approx(0.75)
+    assert implementation_limit(3.0, 1.0, 2, 10, "robust") == pytest.approx(0.75)  # 10 forwards
     # with B = 2F and C = 0 the limit is the paper's bound
     assert implementation_limit(3.0, 1.0, 4, 2, "paper") == pytest.approx(paper_bound(4, 2))
     # the forward passes a probe step really made (a group not probed: 4 fewer)

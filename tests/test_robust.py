@@ -783,3 +783,151 @@ def test_an_optimizer_pickled_between_the_two_steps_of_the_check_drops_it():
     copy = pickle.loads(pickle.dumps(opt))
     assert copy._own_batch_closure is None and copy._own_batch_outcome == "warned"
     assert opt._own_batch_closure is not None  # (the original keeps its check)
+
+
+def test_the_descent_frequency_is_an_average_of_the_slopes_signs():
+    from hidlr.rates import DESCENT_WEIGHT, NOISE_GATE, track_descent
+
+    assert track_descent(1.0, 0.3) == 1.0
+    assert track_descent(1.0, -0.3) == pytest.approx(1.0 - DESCENT_WEIGHT)
+    assert track_descent(0.6, float("nan")) == 0.6  # probes that blew up measure no noise
+    frequency, ascents = 1.0, 0
+    while frequency >= NOISE_GATE:  # from a start at 1: four ascents in a row (0.9^4 = 0.66)
+        frequency, ascents = track_descent(frequency, -1.0), ascents + 1
+    assert ascents == 4
+    # signs alternating: a two-cycle around one half, x = 0.1 / (1 - 0.81) after a descent
+    for i in range(400):
+        frequency = track_descent(frequency, 1.0 if i % 2 else -1.0)
+    assert frequency == pytest.approx(0.1 / 0.19, rel=1e-9)
+
+
+def test_a_noisy_group_takes_no_proposal_past_its_probes_and_does_not_grow_blindly():
+    from hidlr.rates import WARMUP_UPDATES
+
+    kw = {"smoothing": 0.9, "probe_reach": 2.0}
+    n = WARMUP_UPDATES
+    far = robust_rate(1.0, n, accepted(100.0), 1.0, 0.01, **kw)
+    capped = robust_rate(1.0, n, accepted(100.0), 1.0, 0.01, noisy=True, **kw)
+    assert far.rate == pytest.approx(100.0**0.1) and capped.rate == pytest.approx(2.0**0.1)
+    # a shorter proposal, the warm-up and the safeguards on the downside are as before
+    assert robust_rate(1.0, n, accepted(0.25), 1.0, 4.0, noisy=True, **kw).rate == pytest.approx(
+        0.25**0.1
+    )
+    assert robust_rate(1.0, 0, accepted(100.0), 1.0, 0.01, noisy=True, **kw).rate == 1.5
+    linear = rejected("not_convex")
+    assert robust_rate(1.0, n, linear, 1.0, 0.0, noisy=True, **kw) == RobustStep(1.0, n, "keep")
+    up, down = (
+        robust_rate(1.0, n, d, *ba, noisy=True, **kw).rate
+        for d, ba in [(accepted(50.0), (1.0, 0.02)), (rejected("not_descent"), (-1.0, 3.0))]
+    )
+    assert up * down == pytest.approx(1.0)  # a capped rise and an ascent balance exactly
+
+
+def _noise_dominated_run(steps):
+    """A loss whose slope along the step is pure noise: batch i's loss is
+    ``10 + eps w^2 / 2 + z_i w`` with random signs ``z_i``. The step from batch i, probed on
+    batch i + 1, descends half the time, and then the fit (exact: the loss is quadratic)
+    proposes about ``1 / eps`` times the rate."""
+    gen = torch.Generator().manual_seed(0)
+    z = (torch.rand(steps + 1, generator=gen, dtype=F64) + 0.5) * torch.sign(
+        torch.rand(steps + 1, generator=gen, dtype=F64) - 0.5
+    )
+    w = torch.zeros(1, dtype=F64, requires_grad=True)
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.01), update_every=1)
+
+    def loss(i):
+        return 10.0 + 1e-4 * w.square().sum() / 2 + z[i] * w.sum()
+
+    peak = 0.0
+    for i in range(steps):
+        opt.zero_grad()
+        loss(i).backward()
+        opt.step(lambda i=i: loss(i + 1))
+        peak = max(peak, opt.lrs[0])
+    return peak, opt.param_groups[0]["hidlr_descent"]
+
+
+def test_noise_dominated_probes_do_not_drive_the_rate_up(monkeypatch):
+    from hidlr.rates import NOISE_GATE
+
+    # (the warm-up's four accepted fits take it to 0.05 at once; a streak of descents that
+    # lifts the frequency over the gate lets a few doublings through: the gate is a brake,
+    # not a bound; over 160 steps this run peaks at 3.2, the ungated one at 1.3e4)
+    peak, descent = _noise_dominated_run(80)
+    assert peak < 0.01 * 10 and descent < NOISE_GATE
+    import hidlr.optimizer
+
+    monkeypatch.setattr(hidlr.optimizer, "NOISE_GATE", 0.0)  # without the gate
+    ungated, _ = _noise_dominated_run(80)
+    assert ungated > 0.01 * 100  # accepted fits double it, ascents take off only 7% each
+
+
+def test_an_overshoot_is_a_spike_of_the_rates_own_step_on_the_same_batch():
+    from hidlr.rates import SPIKE_CUT, overshoot
+
+    assert overshoot(1.0, 0.9, 1.0) == 1.0  # a descending step
+    assert overshoot(1.0, 3.9, 0.4) == 1.0  # an ascent that noise could explain: kept
+    assert overshoot(1.0, 4.1, 0.4) == SPIKE_CUT  # a spike: cut 10x ...
+    assert overshoot(1.0, 400.0, 0.02) == 0.02  # ... or to the line minimum if shorter
+    assert overshoot(1.0, float("inf"), 0.5) == SPIKE_CUT  # a step that blew up
+    assert overshoot(-1.0, 5.0, 0.5) == 1.0  # no ratio for a loss at or below zero
+
+
+def _poisson_two_scales(policy="robust"):
+    """Poisson regression with two groups whose inputs differ 10x in scale, from a rate 0.1
+    that is 20-50x too long for the second: the loss along its step is exponential, far from
+    a quadratic over the probes."""
+    g = torch.Generator().manual_seed(0)
+    n = 512
+    x1 = torch.randn(n, 4, generator=g, dtype=F64)
+    x2 = 10 * torch.randn(n, 4, generator=g, dtype=F64)
+    eta = x1 @ torch.randn(4, generator=g, dtype=F64) / 4
+    y = torch.poisson(
+        torch.exp(eta + x2 @ torch.randn(4, generator=g, dtype=F64) / 40), generator=g
+    )
+    w1, w2 = (torch.zeros(4, dtype=F64, requires_grad=True) for _ in range(2))
+    base = torch.optim.SGD([{"params": [w1]}, {"params": [w2]}], lr=0.1)
+    opt = hidlr.HiDLR(base, update_every=4, policy=policy)
+
+    def loss(idx):
+        eta = x1[idx] @ w1 + x2[idx] @ w2
+        return (torch.exp(eta) - y[idx] * eta).mean()
+
+    batches = [torch.randint(0, n, (64,), generator=g) for _ in range(41)]
+    return opt, loss, batches, torch.arange(n)
+
+
+def test_the_spike_rule_and_the_joint_check_judge_by_the_measured_loss_not_the_fitted():
+    opt, loss, batches, _ = _poisson_two_scales()
+    loss(batches[0]).backward()
+    opt.step(lambda: loss(batches[1]))
+    assert opt.history[-1].loss == 1.0  # exp(0) - y * 0 at w0 = 0, on the probe batch
+    assert opt.history[-1].n_probes == 1 + 8 + 1  # w0, the probes, the combined step
+    paper, loss, batches, _ = _poisson_two_scales("paper")
+    loss(batches[0]).backward()
+    paper.step(lambda: loss(batches[1]))
+    fitted = paper.history[-1].loss
+    assert abs(fitted - 1.0) > 1.0 and paper.history[-1].n_probes == 8  # the fit's intercept
+
+
+@pytest.mark.parametrize("cut", [True, False])
+def test_rates_whose_own_step_spikes_the_loss_are_cut_before_they_diverge(cut, monkeypatch):
+    import hidlr.optimizer
+
+    if not cut:
+        monkeypatch.setattr(hidlr.optimizer, "overshoot", lambda *_: 1.0)
+    opt, loss, batches, everything = _poisson_two_scales()
+    losses = []
+    for i in range(40):
+        opt.zero_grad()
+        value = loss(batches[i])
+        losses.append(value.item())
+        if not math.isfinite(value.item()):
+            break
+        value.backward()
+        opt.step(lambda i=i: loss(batches[i + 1]))
+    if cut:
+        assert len(losses) == 40 and loss(everything).item() < 1.0  # below the initial loss
+        assert opt.history[0].groups[1].action == "overshoot"
+    else:  # (within the first probe interval)
+        assert not math.isfinite(losses[-1]) and len(losses) <= 4

@@ -93,7 +93,8 @@ class GroupProbe:
 class ProbeRecord:
     """All groups of one probe step.
 
-    ``loss`` is the fitted unperturbed loss. With the joint check: ``step_loss`` is the loss
+    ``loss`` is the unperturbed loss: measured at ``w0`` under the robust policy, the fit's
+    intercept under the paper policy. With the joint check: ``step_loss`` is the loss
     measured at the combined step of all groups, ``coupling_ratio`` the ratio of the diagonal
     model's curvature along it to the measured one, and ``coupling`` the smoothed factor applied
     to every group's diagonal rate (1 without the joint check).

@@ -20,11 +20,13 @@ __all__ = [
     "coupling_ratio",
     "diagonal_rates",
     "log_average",
+    "overshoot",
     "rising",
     "robust_rate",
     "smooth_rate",
     "spike",
     "step_scale",
+    "track_descent",
     "track_spikes",
 ]
 
@@ -60,6 +62,19 @@ def log_average(current: float, new: float, n_before: int, smoothing: float) -> 
 
 WARMUP_UPDATES = 4  # accepted fits during which an overshooting initial rate is cut at once
 WARMUP_GROWTH = 1.5  # and a longer proposal is taken at once, up to this factor per update
+DESCENT_WEIGHT = 0.1  # weight of the newest probe step in a group's descent frequency
+NOISE_GATE = 0.7  # below this descent frequency a group's fits are treated as noise-dominated
+
+
+def track_descent(frequency: float, b: float) -> float:
+    """A group's descent frequency after one more probe step: the exponential average
+    (weight ``DESCENT_WEIGHT``, starting at 1) of whether its probes descended (``b > 0``).
+    A direction that descends on the probe batch about as often as it ascends is one whose
+    slope there is mostly noise. A non-finite slope (probes that blew up) is no measurement
+    of noise and leaves the frequency as it was."""
+    if not math.isfinite(b):
+        return frequency
+    return (1.0 - DESCENT_WEIGHT) * frequency + DESCENT_WEIGHT * float(b > 0)
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,7 @@ def robust_rate(
     growth: float = 2.0,
     shrink: float = 0.5,
     rising: bool = False,
+    noisy: bool = False,
 ) -> RobustStep:
     """Hi-DLR's rate update with safeguards for what the fit cannot answer.
 
@@ -117,7 +133,14 @@ def robust_rate(
       batch, an ascent is as often the noise of one batch as a step that is too long, and
       halving the rate on each one drove rates toward zero; a step that is really too long
       keeps ascending, or blows up, or spikes;
-    - probes that blow up (a non-finite loss) shrink the rate by ``shrink`` at once.
+    - probes that blow up (a non-finite loss) shrink the rate by ``shrink`` at once;
+    - while the group is ``noisy`` (its probes descend on fewer than ``NOISE_GATE`` of its
+      probe steps, :func:`track_descent`), an accepted proposal after the warm-up counts at
+      most as ``probe_reach`` (the farthest probe), and growth without a fit is suspended
+      (``"keep"``). There the slope's sign is mostly noise, and a minimiser far past the
+      probes is an extrapolation of noise: on MovieLens under momentum SGD, half the probe
+      steps ascended while the accepted fits proposed 10-500x the rate, and the rate drifted
+      up until the loss blew up.
 
     ``n_updates`` counts the accepted fits since the start or since the rate last had to grow
     without a fit (which starts the warm-up again).
@@ -127,16 +150,15 @@ def robust_rate(
             return RobustStep(decision.proposed, n_updates + 1, "update")
         if n_updates < WARMUP_UPDATES and decision.proposed > rate:
             return RobustStep(min(decision.proposed, WARMUP_GROWTH * rate), n_updates + 1, "update")
-        new = smooth_rate(
-            rate, decision.proposed, smoothing=smoothing, max_change=growth, space="log"
-        )
+        proposed = min(decision.proposed, probe_reach) if noisy else decision.proposed
+        new = smooth_rate(rate, proposed, smoothing=smoothing, max_change=growth, space="log")
         return RobustStep(new, n_updates + 1, "update")
     if decision.reason == "poor_fit" and a > 0 and b > 0 and b / a < rate:
         return RobustStep(math.sqrt(rate * b / a), n_updates, "shrink")
     if not resolved or (
         decision.reason == "not_convex" and b > 0 and abs(a) * probe_reach <= 0.1 * b
     ):
-        if rising:
+        if rising or noisy:
             return RobustStep(rate, n_updates, "keep")
         # grown without evidence: the warm-up starts again, so the first fits that see
         # curvature can bring the rate back at once (a plateau that ends in a cliff)
@@ -161,14 +183,16 @@ def diagonal_rates(
     reach: float,
     max_rate_change: float | None,
     rising: bool = False,
+    noisy: Sequence[bool] | None = None,
 ) -> tuple[list[float], list[int], list[str]]:
     """Each group's own (diagonal) rate after one fit, by ``policy`` (``"robust"``:
     :func:`robust_rate`; ``"paper"``: :func:`smooth_rate` on accepted fits only).
 
     ``rates`` are the rates the probes were placed at, ``diag`` and ``counts`` each group's
     diagonal rate and count of accepted fits before this one, ``reach`` the largest probe
-    multiplier in absolute value, ``rising`` whether the loss rose since the last probe step.
-    Groups not in ``active`` keep theirs. ``max_rate_change``
+    multiplier in absolute value, ``rising`` whether the loss rose since the last probe step,
+    ``noisy`` which groups' probes are noise-dominated (:func:`robust_rate`; none if not
+    given). Groups not in ``active`` keep theirs. ``max_rate_change``
     bounds the paper policy's update here; the robust policy's rate is bounded after its
     coupling factor and spike cuts (by the optimizer). Returns the new diagonal rates, counts
     and the action taken per group.
@@ -191,6 +215,7 @@ def diagonal_rates(
                 probe_reach=reach * rates[k],
                 resolved=not fit.spread[k] < 1e-5 * abs(fit.intercept),
                 rising=rising,
+                noisy=noisy is not None and noisy[k],
             )
             diag[k], counts[k], actions[k] = out.rate, out.n_updates, out.action
         elif dec.accepted:
@@ -272,6 +297,19 @@ def spike(loss: float, recent: Sequence[float], factor: float = SPIKE_FACTOR) ->
     if floor > 0:
         return loss > factor * floor
     return loss - floor > (factor - 1.0) * (max(recent) - floor) > 0.0
+
+
+def overshoot(loss: float, step_loss: float, backtrack: float) -> float:
+    """The factor that cuts the rates when their own combined step overshoots: 1 unless the
+    loss measured at the end of that step, ``step_loss``, is a :func:`spike` against the
+    loss at ``w0`` (4x it, or not finite) on the same batch, where no batch-to-batch noise
+    can explain it; then the spike cut, or the step's line-minimum fraction ``backtrack``
+    (:func:`step_scale`) where that is smaller. (A plain step that shortens only this one
+    step left SGD with inputs at 100x different scales diverging within the probe interval:
+    the rates themselves were several times too long.)"""
+    if backtrack < 1.0 and spike(step_loss, [loss]):
+        return min(backtrack, SPIKE_CUT)
+    return 1.0
 
 
 RISE_MARGIN = 0.1  # a rising loss sits this fraction above its recent floor (of its size)

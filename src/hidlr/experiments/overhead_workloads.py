@@ -56,8 +56,10 @@ def paper_bound(k: int, phi: float) -> float:
 
 
 def forwards_per_probe_step(k: int, policy: str) -> int:
-    """Forward passes of one probe step: ``4K``, plus the combined step's (robust, K >= 2)."""
-    return PROBES_PER_GROUP * k + (1 if policy == "robust" and k >= 2 else 0)
+    """Forward passes of one probe step: ``4K``, plus (robust policy) the loss at ``w0`` and
+    the combined step's (K >= 2)."""
+    robust = policy == "robust"
+    return PROBES_PER_GROUP * k + robust + (robust and k >= 2)
 
 
 def implementation_limit(

@@ -53,9 +53,12 @@ class ProbeVariant:
     fraction: float = 1.0
 
     def forwards(self, k: int, policy: str) -> int:
-        """Forward passes of one probe step (the combined step's included, robust and K >= 2)."""
+        """Forward passes of one probe step: the unperturbed point's (a 0 multiplier, or the
+        robust policy's measured loss at ``w0``) and the combined step's (robust, K >= 2)
+        included."""
         nonzero = sum(c != 0 for c in self.multipliers)
-        return k * nonzero + (0.0 in self.multipliers) + (policy == "robust" and k >= 2)
+        robust = policy == "robust"
+        return k * nonzero + (0.0 in self.multipliers or robust) + (robust and k >= 2)
 
 
 VARIANTS = (
