@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hidlr.experiments.splits import SPLITS
+
 
 def _demo(args: argparse.Namespace) -> int:
     from hidlr.demo import run_figure2, save_figure2
@@ -211,19 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--seeds", type=_positive(int), default=3, help="seeds per task (default: 3)")
     rob.add_argument(
         "--split",
-        choices=(
-            "all",
-            "tune",
-            "heldout",
-            "fresh",
-            "unseen",
-            "blind",
-            "real",
-            "blind2",
-            "blind3",
-            "blind4",
-            "blind5",
-        ),
+        choices=("all", *SPLITS),
         default="all",
         help="which tasks (those on real data are left out where it is not installed)",
     )

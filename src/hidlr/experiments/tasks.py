@@ -49,24 +49,10 @@ from hidlr.experiments.models import (
     SmallCNN,
     TokenTransformer,
 )
+from hidlr.experiments.splits import SPLITS
 from hidlr.groups import by_depth, by_lora, by_patterns, by_role, by_subnetwork
 
 __all__ = ["SPLITS", "TASKS", "Problem", "Task", "grid_3_per_decade"]
-
-# the task sets in the order they were written; each later one was run before any change
-# to the defaults that followed it ("real": the first tasks on real data)
-SPLITS = (
-    "tune",
-    "heldout",
-    "fresh",
-    "unseen",
-    "blind",
-    "real",
-    "blind2",
-    "blind3",
-    "blind4",
-    "blind5",
-)
 
 
 @dataclass
