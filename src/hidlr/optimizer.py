@@ -69,7 +69,6 @@ __all__ = ["HiDLR"]
 
 logger = logging.getLogger(__name__)
 
-
 Closure = Callable[[], Any]
 
 
@@ -106,8 +105,8 @@ class HiDLR(Optimizer):
             a good fit; the default ``(-2, -1, 1, 2)`` is the paper's. Each non-zero value
             costs one forward pass per group; a ``0`` costs one forward pass per probe step
             (the unperturbed point, shared by all groups; under the robust policy it is the
-            measured loss at ``w0``, which that policy takes anyway). Cheaper choices: ``(-1, 1, 2)``
-            (3K passes) or ``(-2, 0, 2)`` (2K + 1 passes). With as many probes as unknowns
+            measured loss at ``w0``, which that policy takes anyway). Cheaper choices:
+            ``(-1, 1, 2)`` (3K passes) or ``(-2, 0, 2)`` (2K + 1 passes). With as many probes as unknowns
             (``(-2, 0, 2)``, or three points and one group) the fit is exact, so the
             ``min_r2`` guard can no longer reject a noisy fit.
         min_r2: accept a fit only when its :math:`R^2` on the group's probes exceeds this.
@@ -721,7 +720,7 @@ class HiDLR(Optimizer):
             decisions = propose_rates(fit, min_r2=opts["min_r2"])
             # (a checkpoint from before the descent frequency was kept: 1, its start)
             descents = [g.get("hidlr_descent", 1.0) for g in groups]
-            for k in active:
+            for k in active if robust else ():
                 descents[k] = track_descent(descents[k], fit.b[k])
             diag, counts, actions = diagonal_rates(
                 fit,
