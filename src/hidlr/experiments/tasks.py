@@ -1169,7 +1169,7 @@ def hinge_fourier(seed: int) -> Problem:
     g = _gen(141)
     n, d = 8000, 3
     x = torch.rand(n, d, generator=g) * 4 - 2
-    cls = ((torch.sin(2 * x[:, 0]) + x[:, 1] * x[:, 2]).clamp(-1.5, 1.5) * 1.0 + 1.5).long()
+    cls = ((torch.sin(2 * x[:, 0]) + x[:, 1] * x[:, 2]).clamp(-1.5, 1.5) + 1.5).long()
     noise = torch.rand(n, generator=g) < 0.1  # a tenth of the labels drawn at random
     cls = torch.where(noise, torch.randint(0, 3, (n,), generator=g), cls.clamp(0, 2))
     torch.manual_seed(seed)
