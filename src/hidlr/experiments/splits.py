@@ -16,4 +16,5 @@ SPLITS = (
     "blind3",
     "blind4",
     "blind5",
+    "blind6",
 )

