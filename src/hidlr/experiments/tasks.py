@@ -1322,7 +1322,7 @@ def deep_linear(seed: int) -> Problem:
     x = torch.randn(n, d, generator=g) * torch.logspace(0, -1, d)  # feature scales 1 to 0.1
     y = (x @ torch.randn(d, 3, generator=g)) + 0.1 * torch.randn(n, 3, generator=g)
     torch.manual_seed(seed)
-    model = nn.Sequential(*(nn.Linear(a, b) for a, b in itertools.pairwise([d, 16, 16, 16, 16, 3])))
+    model = MLP([d, 16, 16, 16, 16, 3], nn.Identity)
     return Problem(model, by_depth(model), *_split(x, y, 800), _mse)
 
 
