@@ -801,7 +801,7 @@ def test_the_descent_frequency_is_an_average_of_the_slopes_signs():
     assert frequency == pytest.approx(0.1 / 0.19, rel=1e-9)
 
 
-def test_a_noisy_group_takes_no_proposal_past_its_probes_and_does_not_grow_blindly():
+def test_a_noisy_group_takes_no_proposal_beyond_its_probes_and_does_not_grow_blindly():
     from hidlr.rates import WARMUP_UPDATES
 
     kw = {"smoothing": 0.9, "probe_reach": 2.0}
@@ -809,10 +809,14 @@ def test_a_noisy_group_takes_no_proposal_past_its_probes_and_does_not_grow_blind
     far = robust_rate(1.0, n, accepted(100.0), 1.0, 0.01, **kw)
     capped = robust_rate(1.0, n, accepted(100.0), 1.0, 0.01, noisy=True, **kw)
     assert far.rate == pytest.approx(100.0**0.1) and capped.rate == pytest.approx(2.0**0.1)
-    # a shorter proposal, the warm-up and the safeguards on the downside are as before
-    assert robust_rate(1.0, n, accepted(0.25), 1.0, 4.0, noisy=True, **kw).rate == pytest.approx(
-        0.25**0.1
-    )
+    # as far on the short side: a noisy minimiser at a quarter of the rate counts as half
+    # of it (the probes' reach below the rate), one within the reach as itself
+    short = robust_rate(1.0, n, accepted(0.25), 1.0, 4.0, **kw)
+    assert short.rate == pytest.approx(0.25**0.1)
+    for proposed, counted in [(0.25, 0.5), (0.7, 0.7), (1.9, 1.9)]:
+        out = robust_rate(1.0, n, accepted(proposed), 1.0, 1.0 / proposed, noisy=True, **kw)
+        assert out.rate == pytest.approx(counted**0.1)
+    # the warm-up and the safeguards on the downside are as before
     assert robust_rate(1.0, 0, accepted(100.0), 1.0, 0.01, noisy=True, **kw).rate == 1.5
     linear = rejected("not_convex")
     assert robust_rate(1.0, n, linear, 1.0, 0.0, noisy=True, **kw) == RobustStep(1.0, n, "keep")

@@ -135,12 +135,16 @@ def robust_rate(
       keeps ascending, or blows up, or spikes;
     - probes that blow up (a non-finite loss) shrink the rate by ``shrink`` at once;
     - while the group is ``noisy`` (its probes descend on fewer than ``NOISE_GATE`` of its
-      probe steps, :func:`track_descent`), an accepted proposal after the warm-up counts at
-      most as ``probe_reach`` (the farthest probe), and growth without a fit is suspended
-      (``"keep"``). There the slope's sign is mostly noise, and a minimiser far past the
-      probes is an extrapolation of noise: on MovieLens under momentum SGD, half the probe
-      steps ascended while the accepted fits proposed 10-500x the rate, and the rate drifted
-      up until the loss blew up.
+      probe steps, :func:`track_descent`), an accepted proposal after the warm-up counts as
+      no more than ``probe_reach`` (the farthest probe) and no less than the rate divided by
+      the probes' reach, and growth without a fit is suspended (``"keep"``). There the
+      slope's sign is mostly noise, and a minimiser far past the probes is an extrapolation
+      of noise: on MovieLens under momentum SGD, half the probe steps ascended while the
+      accepted fits proposed 10-500x the rate, and the rate drifted up until the loss blew
+      up. The bound is symmetric in log-rate: a cap on the long side only let noisy short
+      proposals (and the ascents, each a proposal of half the rate) pull the rates down
+      without a counterweight, well below the grid-best constant rate on the robustness
+      benchmark.
 
     ``n_updates`` counts the accepted fits since the start or since the rate last had to grow
     without a fit (which starts the warm-up again).
@@ -150,7 +154,9 @@ def robust_rate(
             return RobustStep(decision.proposed, n_updates + 1, "update")
         if n_updates < WARMUP_UPDATES and decision.proposed > rate:
             return RobustStep(min(decision.proposed, WARMUP_GROWTH * rate), n_updates + 1, "update")
-        proposed = min(decision.proposed, probe_reach) if noisy else decision.proposed
+        proposed = decision.proposed
+        if noisy:  # no further from the rate than the probes reach, on either side
+            proposed = min(max(proposed, rate * rate / probe_reach), probe_reach)
         new = smooth_rate(rate, proposed, smoothing=smoothing, max_change=growth, space="log")
         return RobustStep(new, n_updates + 1, "update")
     if decision.reason == "poor_fit" and a > 0 and b > 0 and b / a < rate:
