@@ -1370,7 +1370,7 @@ def distill_soft(seed: int) -> Problem:
     g = _gen(152)
     n, d, k = 6000, 16, 10
     x = torch.randn(n, d, generator=g)
-    with torch.no_grad():  # a fixed random teacher, wider and deeper than the student
+    with torch.no_grad():  # a fixed random teacher, one hidden layer of 128
         teacher = [torch.randn(d, 128, generator=g) / d**0.5, torch.randn(128, k, generator=g)]
         logits = torch.relu(x @ teacher[0]) @ teacher[1] / 128**0.5 * 4.0
     target = (logits / 2.0).softmax(dim=1)
@@ -1390,7 +1390,7 @@ def multilabel_rare(seed: int) -> Problem:
     score = torch.tanh(x @ torch.randn(d, 16, generator=g) / d**0.5) @ torch.randn(
         16, labels, generator=g
     )
-    # label frequencies from about 40% down to about 2%
+    # label frequencies from about 40% down to about 1%
     offset = torch.linspace(0.3, 2.2, labels) * score.std(dim=0)
     y = (score + 0.3 * torch.randn(n, labels, generator=g) > offset).float()
     torch.manual_seed(seed)
@@ -1400,6 +1400,8 @@ def multilabel_rare(seed: int) -> Problem:
 
 
 class _GroupNormCNN(nn.Module):
+    """Two convolutions, each with GroupNorm, average-pooled into a linear head."""
+
     def __init__(self, classes: int) -> None:
         super().__init__()
         self.features = nn.Sequential(
