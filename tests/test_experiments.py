@@ -428,6 +428,7 @@ def test_sweep_compares_only_seeds_every_initial_rate_has(tmp_path):
     assert row["spread"] == pytest.approx(0.2) and row["spread_first_seed"] == pytest.approx(0.2)
     assert math.isnan(row["seed_spread"])  # no default runs to compare with
     assert _spread([0.0, 1.0]) == math.inf and _spread([0.0, 0.0]) == 0.0
+    assert _spread([-1.0, -0.8]) == pytest.approx(0.2)  # a loss below zero: 0.2 above -1
     assert math.isnan(_spread([1.0]))
 
 
@@ -803,3 +804,19 @@ def test_a_task_whose_data_is_missing_is_left_out_with_a_message(monkeypatch, ca
     # nothing left to run: no benchmark at all (an empty list is not "every task")
     assert cli.main([*args, "fashion_cnn"]) == 2
     assert "fashion_cnn" in capsys.readouterr().err and not seen
+
+
+def test_a_loss_below_zero_is_judged_by_its_excess_over_the_grid_best(tmp_path):
+    # a negative log-likelihood: the grid-best is -1.0, Hi-DLR's -0.75 is worse by 25% of it
+    records = [_record("constant", 0, lr, "grid", v) for lr, v in ((0.01, -0.5), (0.1, -1.0))]
+    records += [
+        _record("hidlr", 0, 0.01, "default", -0.75),
+        _record("gen", 0, 0.01, "default", -1.02),
+    ]
+    summary = summarize(_write(tmp_path / "runs.jsonl", records))
+    row = summary["tasks"]["friedman_mlp"]
+    assert row["grid_best"] == -1.0
+    assert row["methods"]["hidlr"]["ratio"] == pytest.approx(1.25)
+    assert row["methods"]["gen"]["ratio"] == pytest.approx(0.98)
+    assert summary["summary"]["all"]["hidlr_within_5pct"] == 0
+    assert summary["summary"]["all"]["hidlr_beats_gen"] == 0

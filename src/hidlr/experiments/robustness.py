@@ -274,14 +274,26 @@ def _mean(values: Iterable[float]) -> float:
     return statistics.fmean(vals) if vals and all(math.isfinite(v) for v in vals) else math.inf
 
 
+def relative_loss(loss: float, best: float) -> float:
+    """A loss against a best one as a ratio, ``1 + (loss - best) / |best|``: ``loss / best`` for
+    a positive ``best``, and for a loss that can go below zero (a density's negative
+    log-likelihood) the same excess over ``|best|``, so a higher loss is always a higher ratio
+    (``loss / best`` of two negative losses ranks them the wrong way round). A zero ``best``
+    gives 1 for a zero loss and infinity above it."""
+    if best == 0:
+        return 1.0 if loss == 0 else (math.inf if loss > 0 else -math.inf)
+    return 1.0 + (loss - best) / abs(best)
+
+
 def _spread(values: Sequence[float]) -> float:
-    """``max / min - 1``: infinite if any value is (a diverged run), NaN for fewer than two."""
+    """``max / min - 1`` (:func:`relative_loss` where the lowest is not positive): infinite if
+    any value is (a diverged run), NaN for fewer than two."""
     if len(values) < 2:
         return math.nan
     low, high = min(values), max(values)
     if not math.isfinite(high):
         return math.inf
-    return high / low - 1 if low > 0 else (0.0 if high == 0 else math.inf)
+    return relative_loss(high, low) - 1.0
 
 
 def _sweep_row(sweep: list[dict[str, Any]], default: list[dict[str, Any]]) -> dict[str, Any]:
@@ -336,7 +348,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
                 continue
             losses = [_loss(r) for r in mr]
             row["methods"][method] = {
-                "ratio": _mean(losses) / best,
+                "ratio": relative_loss(_mean(losses), best),
                 "diverged": sum(not math.isfinite(v) for v in losses),
                 "stalled": sum(_stalled(r) for r in mr),
                 "rise": _largest(_rise(r) for r in mr),
