@@ -257,6 +257,57 @@ def test_spike_detection():
     assert spike(float("nan"), [1.0])
 
 
+def test_a_hard_batch_at_the_noise_floor_is_no_spike():
+    from hidlr.rates import spike, track_spikes
+
+    # trained from 1.6 down to ~1e-3, where batches differ 10x: a rise of 0.05 undoes 3% of
+    # the progress, no spike; without the start, the ratio alone calls it one
+    floor = [1.5e-3, 1e-3, 4e-3]
+    assert spike(5e-2, floor) and not spike(5e-2, floor, start=1.6)
+    assert not track_spikes(5e-2, floor, start=1.6)[0]
+    # a rise back to a fifth of the way is one, as is one from a recent floor of 0.5
+    assert spike(0.3, floor, start=1.6) and spike(2.1, [0.52, 0.7, 0.6], start=1.6)
+    assert spike(float("inf"), floor, start=1.6)
+    # no progress since the start (or a loss below zero, by the range rule): the ratios judge
+    assert spike(5.0, [1.0, 1.2, 1.1], start=1.0) and spike(
+        -97.0, [-99.0, -99.5, -99.8], start=-99.0
+    )
+    assert not spike(-97.0, [-99.0, -99.5, -99.8], start=-70.0)  # 10% of 29.8 is 2.98
+
+
+def test_a_jump_noise_could_explain_cuts_only_the_groups_whose_fit_sees_an_overshoot():
+    from hidlr.rates import SPIKE_WINDOW, spike_cuts
+
+    floor = [1.5e-3, 1e-3, 4e-3]
+    over = RateDecision(0.2, True, "accepted")  # the minimiser at a fifth of the rate
+    under = RateDecision(0.8, True, "accepted")
+    noisy = RateDecision(0.1, False, "poor_fit")
+    groups = [(0, over, 1.0), (1, under, 1.0), (2, noisy, 1.0)]
+    cut, recent = spike_cuts(5e-2, floor, groups, start=1.6)
+    assert cut == [0] and recent == [5e-2]  # the floor starts again after the cut
+    cut, recent = spike_cuts(5e-2, floor, groups[1:], start=1.6)
+    assert cut == [] and recent == floor + [5e-2]
+    # a tenth of the progress undone: every group, whatever its fit says
+    assert spike_cuts(0.3, floor, groups[1:], start=1.6)[0] == [1, 2]
+    assert spike_cuts(3e-3, floor, groups, start=1.6) == ([], floor + [3e-3])  # no jump
+    assert spike_cuts(5e-2, floor, groups, start=1.6, detect=False)[0] == []  # paper policy
+    assert len(spike_cuts(1e-3, floor * SPIKE_WINDOW, groups, start=1.6)[1]) == SPIKE_WINDOW
+
+
+def test_the_first_loss_the_spikes_are_judged_by_survives_a_checkpoint():
+    w = nn.Parameter(torch.tensor([0.0, 0.0], dtype=F64))
+    loss = lambda: ((w - 3.0) ** 2).sum()  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=0.1), update_every=1)
+    for _ in range(3):
+        opt.zero_grad()
+        loss().backward()
+        opt.step(loss)
+    assert opt.state_dict()["hidlr"]["first_loss"] == pytest.approx(18.0)
+    other = hidlr.HiDLR(torch.optim.SGD([nn.Parameter(torch.zeros(2, dtype=F64))], lr=0.1))
+    other.load_state_dict(opt.state_dict())
+    assert other._first_loss == pytest.approx(18.0)
+
+
 def test_spike_tracking_window_and_reset():
     from hidlr.rates import SPIKE_WINDOW, track_spikes
 

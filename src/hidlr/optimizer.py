@@ -60,9 +60,9 @@ from hidlr.rates import (
     log_average,
     overshoot,
     rising,
+    spike_cuts,
     step_scale,
     track_descent,
-    track_spikes,
 )
 
 __all__ = ["HiDLR"]
@@ -130,7 +130,10 @@ class HiDLR(Optimizer):
             on fewer than 70% of its probe steps (noise-dominated) takes no proposal past the
             farthest probe and no growth without a fit. It measures the loss at ``w0`` (one
             more forward pass) and cuts the rates 10x when that loss spikes (4x its recent
-            floor, or 4x the last probe step's), doubles a rate too small for the step to
+            floor, or 4x the last probe step's; a jump that undoes less than a tenth of the
+            progress since the first probe step, which one hard batch near a zero loss can
+            explain, only for the groups whose fit says their step is over twice too long),
+            doubles a rate too small for the step to
             change the weights at all (up to the group's largest rate so far), and with two or
             more groups measures the combined step with one more forward pass (the coupling
             the diagonal model misses; a combined step that multiplies the loss by 4 or more
@@ -242,6 +245,7 @@ class HiDLR(Optimizer):
         self._coupling = 1.0
         self._coupling_updates = 0
         self._recent_losses: list[float] = []  # fitted unperturbed losses of recent probe steps
+        self._first_loss: float | None = None  # and the first (finite) one, the spikes' scale
         # of the first probe fits compared with the gradient's own slope, how many reproduced
         # it (a closure on the gradient's own batch is acted on once) and how many in all
         self._own_batch: tuple[int, int] = (0, 0)
@@ -295,6 +299,7 @@ class HiDLR(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_first_loss", None)  # (pickled before it was kept)
         for name in HOOKS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
@@ -337,6 +342,7 @@ class HiDLR(Optimizer):
                 "coupling": self._coupling,
                 "coupling_updates": self._coupling_updates,
                 "recent_losses": list(self._recent_losses),
+                "first_loss": self._first_loss,
                 "own_batch": list(self._own_batch),
                 "own_batch_outcome": self._own_batch_outcome,
                 "options": dict(self.options),
@@ -376,6 +382,9 @@ class HiDLR(Optimizer):
         self._coupling = float(saved["coupling"])
         self._coupling_updates = int(saved["coupling_updates"])
         self._recent_losses = [float(v) for v in saved.get("recent_losses", [])]
+        # (a checkpoint from before it was kept: the next probe step's loss stands in)
+        first = saved.get("first_loss")
+        self._first_loss = None if first is None else float(first)
         agreed, compared = saved.get("own_batch", (0, 0))
         self._own_batch = (int(agreed), int(compared))
         self._own_batch_closure, self._confirm_next = None, False
@@ -736,10 +745,18 @@ class HiDLR(Optimizer):
                 rising=rising(anchored.intercept, self._recent_losses),
                 noisy=[d < NOISE_GATE for d in descents],
             )
-            spiked, recent = track_spikes(anchored.intercept, self._recent_losses, detect=robust)
-            if spiked:  # the rates (and whatever momentum they built up) are too large: cut once
-                for k in active:
-                    diag[k], actions[k] = diag[k] * SPIKE_CUT, "spike"
+            first = self._first_loss
+            if first is None and math.isfinite(anchored.intercept):
+                first = anchored.intercept
+            spiked, recent = spike_cuts(
+                anchored.intercept,
+                self._recent_losses,
+                [(k, decisions[k], rates[k]) for k in active],
+                start=first,
+                detect=robust,
+            )
+            for k in spiked:
+                diag[k], actions[k] = diag[k] * SPIKE_CUT, "spike"
             coupling, n_coupling = self._coupling, self._coupling_updates
             step_loss, ratio, backtrack = math.nan, math.nan, 1.0
             measured_step = [coupling * d for d in diag]
@@ -803,7 +820,7 @@ class HiDLR(Optimizer):
                 )
                 g["hidlr_probes"] += 1
         self._coupling, self._coupling_updates = coupling, n_coupling
-        self._recent_losses = recent
+        self._recent_losses, self._first_loss = recent, first
         self._warn_own_batch((agreed, compared))
         if self._confirm_next:  # one update's loss change by the fits sizes the next step's check
             self._own_batch_scale = math.fsum(
