@@ -18,4 +18,5 @@ SPLITS = (
     "blind5",
     "blind6",
     "blind7",
+    "blind8",
 )

