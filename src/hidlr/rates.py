@@ -385,10 +385,10 @@ def track_spikes(
     loss: float, recent: Sequence[float], *, detect: bool = True, start: float | None = None
 ) -> tuple[bool, list[float]]:
     """Whether this probe step's unperturbed (fitted) loss is a :func:`spike` (only when
-    ``detect``; ``start``: the first probe step's loss), and the recent losses to judge the next one by: the last ``SPIKE_WINDOW``
-    finite ones, started afresh after a spike, so a loss that stays up (or a noisy one near
-    zero) does not cut again at every probe step until the rates are too small for a float32
-    step to move the weights. A loss that is not finite is no measurement (every group's
+    ``detect``; ``start``: the first probe step's loss), and the recent losses to judge the
+    next one by: the last ``SPIKE_WINDOW`` finite ones, started afresh after a spike, so a
+    loss that stays up (or a noisy one near zero) does not cut again at every probe step
+    until the rates are too small for a float32 step to move the weights. A loss that is not finite is no measurement (every group's
     probes blew up, which halves the rates by itself): neither a spike nor remembered."""
     finite = math.isfinite(loss)
     spiked = detect and finite and spike(loss, recent, start=start)
