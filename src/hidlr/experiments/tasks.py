@@ -1485,8 +1485,7 @@ def focal_imbalanced(seed: int) -> Problem:
     # class priors of 60/20/10/7/3% added to the teacher's logits: labels about 52/12/21/12/4%
     prior = torch.tensor([0.60, 0.20, 0.10, 0.07, 0.03]).log()
     logits = score / score.std() + prior
-    gumbel = -torch.log(-torch.log(torch.rand(n, k, generator=g)))
-    y = (logits + gumbel).argmax(dim=1)  # a sample of the teacher's softmax
+    y = torch.multinomial(logits.softmax(dim=1), 1, generator=g).squeeze(1)
     torch.manual_seed(seed)
     model = MLP([d, 64, 64, k])
     return Problem(model, by_depth(model), *_split(x, y, 1500), _focal)
@@ -1508,8 +1507,8 @@ class _Heteroscedastic(nn.Module):
 
 def _gaussian_nll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Gaussian negative log-likelihood with a learned variance (it can be below zero)."""
-    mean, log_var = out[:, :1], out[:, 1:].clamp(min=-10.0)
-    return 0.5 * ((y - mean) ** 2 / log_var.exp() + log_var + math.log(2 * math.pi)).mean()
+    mean, log_var = out[:, :1], out[:, 1:]
+    return nn.functional.gaussian_nll_loss(mean, y, log_var.exp(), full=True)
 
 
 def hetero_nll(seed: int) -> Problem:
