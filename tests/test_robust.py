@@ -1,6 +1,7 @@
 """The robust rate policy: its rules one by one, the joint (coupling) correction, and its
 behaviour where Algorithm 1 taken literally fails."""
 
+import itertools
 import math
 import warnings
 
@@ -363,8 +364,10 @@ def test_a_loss_that_stays_up_is_cut_once_not_at_every_probe_step():
 
 
 def test_a_loss_that_keeps_multiplying_after_a_cut_is_cut_again():
-    # the curvature jumps 100x: after the first cut the step is still unstable and the loss
-    # grows 10x per probe step; waiting for three steps of fresh history would let it explode
+    # the curvature jumps 100x: after the spike cut the step is still unstable (it would grow
+    # the loss 10x per probe step; waiting for three steps of fresh history would let it
+    # explode). The step just taken multiplied the loss, so the single group's new step is
+    # measured too, and cut again at once, to its line minimum
     w = nn.Parameter(torch.tensor([0.0, 0.0], dtype=F64))
     c = torch.tensor([1.0, 10.0], dtype=F64)
     scale = [1.0]
@@ -378,9 +381,32 @@ def test_a_loss_that_keeps_multiplying_after_a_cut_is_cut_again():
         opt.step(loss)
     actions = [rec.groups[0].action for rec in opt.history]
     losses = [rec.loss for rec in opt.history]
-    assert actions[6:8] == ["spike", "spike"] and "spike" not in actions[8:]
-    assert max(losses) == losses[7] < 1e4  # caught after one 10x growth
-    assert losses[-1] < 0.5 * losses[8]  # and training goes on downhill
+    assert actions[6] == "overshoot" and not {"spike", "overshoot"} & set(actions[7:])
+    assert opt.history[6].step_loss > 4 * losses[6]  # the spike-cut step still multiplied it
+    assert max(losses) == losses[6]  # caught at the first jump: the loss never grows past it
+    assert all(b < a for a, b in itertools.pairwise(losses[6:]))  # and goes on downhill
+    assert losses[-1] < 0.6 * losses[6]
+
+
+@pytest.mark.parametrize("lr", [1.0, 1.5])
+def test_a_single_group_whose_step_hits_a_cliff_measures_its_new_step(lr):
+    # a quadratic bowl with a cubic wall past w = 1.5; from 0 the step at this rate lands on
+    # the wall (the loss 3x-100x its start), the fit is poor and only shrinks the rate. Without
+    # a combined step to measure (one group) that rate blew up within the probe interval; now
+    # the new step is measured, ended at its line minimum and, where it still multiplies the
+    # loss, cut
+    w = nn.Parameter(torch.zeros(1, dtype=F64))
+    loss = lambda: ((w - 1) ** 2 + 50 * torch.relu(w - 1.5) ** 3).sum()  # noqa: E731
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=lr))
+    seen = []
+    for _ in range(9):
+        opt.zero_grad()
+        loss().backward()
+        opt.step(loss)
+        seen.append(loss().item())
+    assert opt.history[0].groups[0].reason == "not_descent"  # the fit alone says little
+    assert not math.isnan(opt.history[0].step_loss)  # the new step was measured
+    assert max(seen) < 1.0 and seen[-1] < 1e-3
 
 
 # -- found by review: the combined step ----------------------------------------------------------

@@ -60,6 +60,7 @@ from hidlr.rates import (
     log_average,
     overshoot,
     rising,
+    spike,
     spike_cuts,
     step_scale,
     track_descent,
@@ -80,7 +81,8 @@ class HiDLR(Optimizer):
     each group's direction. The loss is then probed, one group at a time, at
     :math:`w_0 + c\,\Delta_k \eta_k / \eta_k^{\text{used}}` for each ``c`` in
     ``probe_multipliers`` (4K forward passes for the default four; the robust policy adds
-    one at :math:`w_0` and, with two or more groups, one at the combined step), a quadratic
+    one at :math:`w_0` and, with two or more groups, one at the combined step; with one group
+    only where its step just taken multiplied the loss), a quadratic
     :math:`L_0 - b_k \xi + \tfrac12 A_k \xi^2` is fitted per group by least squares (eq. 3.1,
     with one intercept shared by all groups), and each group's rate moves toward
     :math:`b_k / A_k` (eq. 3.2): ``new = smoothing * old + (1 - smoothing) * b/A``, only when
@@ -137,7 +139,8 @@ class HiDLR(Optimizer):
             change the weights at all (up to the group's largest rate so far), and with two or
             more groups measures the combined step with one more forward pass (the coupling
             the diagonal model misses; a combined step that multiplies the loss by 4 or more
-            cuts the rates 10x, or to its line minimum). Use
+            cuts the rates 10x, or to its line minimum); a single group's new step is
+            measured so only where the step just taken multiplied the loss 4x. Use
             ``"paper"`` to reproduce the paper; ``"robust"`` never diverged on the robustness
             benchmark (see the README). For short runs, start within about 10x of the right
             rate: the climb from far below takes tens of probe steps.
@@ -718,7 +721,7 @@ class HiDLR(Optimizer):
                             probe({k: c, l: c})
                         movers[k].move(-1.0)
                         movers[l].move(-1.0)
-            fit, measured = self._fit(rows, values, rates, anchor)
+            fit, measured, probed = self._fit(rows, values, rates, anchor)
             anchored = replace(fit, intercept=measured) if robust and measured is not None else fit
             own_b = own_batch_slopes(own, active, used)
             agreed, compared = self._own_batch
@@ -760,8 +763,18 @@ class HiDLR(Optimizer):
             coupling, n_coupling = self._coupling, self._coupling_updates
             step_loss, ratio, backtrack = math.nan, math.nan, 1.0
             measured_step = [coupling * d for d in diag]
-            if opts["policy"] == "robust" and len(active) >= 2:
-                # one more probe: the combined step of all groups, which eq. 3.1 does not see
+            if robust and (
+                len(active) >= 2 or _step_blew_up(active, rows, probed, anchored, first)
+            ):
+                # one more probe: the combined step of all groups, which eq. 3.1 does not see.
+                # A single group has none, and its own probes say how far it is to go; but
+                # where the step just taken multiplied the loss, a poor fit can leave a rate
+                # that is still far too long (session 16: GeN on a two-tower model, whose
+                # curvature grows with the towers' outputs, took a step that multiplied the
+                # loss 6x on its batch, cut its rate by a third and blew up within the probe
+                # interval), so there the new step is measured too. (Judged as a spike is: near
+                # a zero loss 4x is no blow-up, and there GeN on a deep MLP lost 2.5x when it was
+                # measured and cut)
                 steps = [0.0] * n
                 for k in active:
                     offset = measured_step[k] / rates[k] - 1.0
@@ -938,11 +951,12 @@ class HiDLR(Optimizer):
         values: list[torch.Tensor],
         rates: list[float],
         anchor: torch.Tensor | None = None,
-    ) -> tuple[QuadraticFit, float | None]:
-        """The quadratic fitted to the probes (``values`` at the placements ``rows``), and the
-        loss measured at ``w0``: ``anchor``, evaluated apart from the fit, or the probe of a 0
-        multiplier (None if neither). All the losses pass through :meth:`_reduce_losses`
-        together: one host sync, and every rank of a data-parallel run sees the same."""
+    ) -> tuple[QuadraticFit, float | None, list[float]]:
+        """The quadratic fitted to the probes (``values`` at the placements ``rows``), the
+        loss measured at ``w0`` (``anchor``, evaluated apart from the fit, or the probe of a 0
+        multiplier; None if neither) and the probes' losses. All the losses pass through
+        :meth:`_reduce_losses` together: one host sync, and every rank of a data-parallel run
+        sees the same."""
         offsets = torch.zeros(len(rows), len(rates), dtype=torch.float64)
         for r, placement in enumerate(rows):
             for k, c in placement.items():
@@ -953,10 +967,11 @@ class HiDLR(Optimizer):
             if stacked
             else torch.zeros(0, dtype=torch.float64)
         )
-        fit = fit_quadratic(offsets, losses[: len(rows)], rates, coupled=self.options["coupled"])
+        probed = losses[: len(rows)]
+        fit = fit_quadratic(offsets, probed, rates, coupled=self.options["coupled"])
         if anchor is not None:
-            return fit, float(losses[-1])
-        return fit, float(losses[0]) if rows and not rows[0] else None
+            return fit, float(losses[-1]), probed.tolist()
+        return fit, float(losses[0]) if rows and not rows[0] else None, probed.tolist()
 
     def _step_flags(self, movers: list[GroupMover]) -> tuple[list[bool], list[bool]]:
         """Per group: whether the base step changed any of its parameters (the groups that are
@@ -1011,6 +1026,26 @@ class HiDLR(Optimizer):
             logger.info(
                 "hidlr: froze group %d at step %d (influence share %.3g)", k, step, shares[k]
             )
+
+
+def _step_blew_up(
+    active: list[int],
+    rows: list[dict[int, float]],
+    probed: list[float],
+    fit: QuadraticFit,
+    start: float | None,
+) -> bool:
+    """Whether a single active group's probe nearest the step just taken (multiplier 1) is a
+    :func:`~hidlr.rates.spike` against the loss at ``w0`` (4x it, or not finite), one that
+    undoes more than a tenth of the progress since ``start``, the first probe step's loss."""
+    if len(active) != 1:
+        return False
+    (k,) = active
+    ahead = [(row[k], v) for row, v in zip(rows, probed, strict=True) if row.get(k, 0.0) > 0]
+    if not ahead:
+        return False
+    _, loss = min(ahead, key=lambda cv: abs(math.log(cv[0])))
+    return spike(loss, [fit.intercept], start=start)
 
 
 def _idle_reason(group: dict[str, Any], stalled: bool) -> str:
