@@ -318,15 +318,17 @@ def deep_mlp(seed: int) -> Problem:
     return Problem(model, by_depth(model), *_split(x, cls, 800), _ce)
 
 
-class _GRURegressor(nn.Module):
-    def __init__(self) -> None:
+class _LastState(nn.Module):
+    """A recurrent net (``batch_first``) and a linear head on its last state."""
+
+    def __init__(self, rnn: nn.RNNBase, out: int = 1) -> None:
         super().__init__()
-        self.gru = nn.GRU(1, 32, batch_first=True)
-        self.head = nn.Linear(32, 1)
+        self.rnn = rnn
+        self.head = nn.Linear(rnn.hidden_size, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.gru(x)
-        return self.head(out[:, -1])
+        states, _ = self.rnn(x)
+        return self.head(states[:, -1])
 
 
 def gru_sequence(seed: int) -> Problem:
@@ -338,8 +340,8 @@ def gru_sequence(seed: int) -> Problem:
     wave = torch.sin(freq * t + phase) + 0.05 * torch.randn(n, length + 1, generator=g)
     x, y = wave[:, :length, None], wave[:, length:]
     torch.manual_seed(seed)
-    model = _GRURegressor()
-    return Problem(model, by_depth(model), *_split(x, y, 400), _mse)  # gru, head
+    model = _LastState(nn.GRU(1, 32, batch_first=True))
+    return Problem(model, by_depth(model), *_split(x, y, 400), _mse)  # rnn, head
 
 
 # -- the fresh tasks (session 9): run on a chosen default, never tuned on ----------------------
@@ -1629,19 +1631,6 @@ def two_tower(seed: int) -> Problem:
     return Problem(model, groups, *_split(x, y, 1500), _mse)
 
 
-class _Elman(nn.Module):
-    """A tanh RNN over sequences and a linear head on its last state."""
-
-    def __init__(self, hidden: int = 32) -> None:
-        super().__init__()
-        self.rnn = nn.RNN(2, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rnn(x)
-        return self.head(out[:, -1])
-
-
 def elman_adding(seed: int) -> Problem:
     g = _gen(173)
     n, length = 5000, 6
@@ -1656,7 +1645,7 @@ def elman_adding(seed: int) -> Problem:
     x = torch.stack([values, marks], dim=2)
     y = (values * marks).sum(dim=1, keepdim=True)
     torch.manual_seed(seed)
-    model = _Elman()
+    model = _LastState(nn.RNN(2, 32, batch_first=True))  # a tanh (Elman) RNN
     groups = by_patterns(
         model,
         {"input": r"^rnn\.(weight|bias)_ih", "recurrent": r"^rnn\.(weight|bias)_hh"},
