@@ -20,4 +20,5 @@ SPLITS = (
     "blind7",
     "blind8",
     "blind9",
+    "blind10",
 )

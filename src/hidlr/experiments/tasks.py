@@ -1677,6 +1677,119 @@ def smoothed_dropout(seed: int) -> Problem:
     return Problem(model, by_depth(model), *_split(x, y, 2000), _smoothed_ce)
 
 
+def noisy_labels(seed: int) -> Problem:
+    g = _gen(181)
+    n, d, k = 5000, 20, 5
+    w = torch.randn(d, k, generator=g)
+    x = torch.randn(n, d, generator=g)
+    y = (torch.tanh(x) @ w + 0.5 * (x[:, :k] * x[:, k : 2 * k])).argmax(dim=1)
+    # a quarter of the labels (training and validation alike) replaced by random ones
+    flip = torch.rand(n, generator=g) < 0.25
+    y = torch.where(flip, torch.randint(0, k, (n,), generator=g), y)
+    torch.manual_seed(seed)
+    model = MLP([d, 96, 96, k])
+    return Problem(model, by_depth(model), *_split(x, y, 1000), _ce)
+
+
+class _FieldEmbeddings(nn.Module):
+    """One embedding table per categorical field, concatenated, then an MLP to one logit."""
+
+    def __init__(self, fields: int, categories: int, dim: int = 6) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(categories, dim) for _ in range(fields))
+        self.mlp = MLP([fields * dim, 48, 1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([t(x[:, i]) for i, t in enumerate(self.tables)], dim=1))
+
+
+def _bce_logit(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(pred, y)
+
+
+def embed_tabular(seed: int) -> Problem:
+    g = _gen(182)
+    n, fields, cats = 8000, 6, 25
+    x = torch.randint(0, cats, (n, fields), generator=g)
+    effect = torch.randn(fields, cats, generator=g)
+    pair = torch.randn(cats, cats, generator=g)
+    # additive effects of each field plus one interaction of the first two, through a logistic
+    logit = effect.gather(1, x.T).sum(dim=0) + pair[x[:, 0], x[:, 1]]
+    y = (torch.rand(n, generator=g) < torch.sigmoid(logit)).float()[:, None]
+    torch.manual_seed(seed)
+    model = _FieldEmbeddings(fields, cats)
+    groups = by_patterns(model, {"embeddings": r"^tables\."}, rest="mlp")
+    return Problem(model, groups, *_split(x, y, 1500), _bce_logit)
+
+
+class _Segmenter1d(nn.Module):
+    """A 1-D encoder-decoder with one skip connection, a logit per position."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.enc = nn.Conv1d(1, width, 5, padding=2)
+        self.down = nn.Conv1d(width, width, 4, stride=2, padding=1)
+        self.up = nn.ConvTranspose1d(width, width, 4, stride=2, padding=1)
+        self.head = nn.Conv1d(2 * width, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = torch.relu(self.enc(x))
+        u = torch.relu(self.up(torch.relu(self.down(e))))
+        return self.head(torch.cat([e, u], dim=1))
+
+
+def segment_1d(seed: int) -> Problem:
+    g = _gen(183)
+    n, length = 3000, 64
+    # pulses of random width and height on a wandering baseline; segment where a pulse is
+    start = torch.randint(0, length - 16, (n, 2), generator=g)
+    width = torch.randint(3, 12, (n, 2), generator=g)
+    pos = torch.arange(length)
+    mask = torch.zeros(n, length)
+    for j in range(2):
+        inside = (pos >= start[:, j : j + 1]) & (pos < start[:, j : j + 1] + width[:, j : j + 1])
+        mask = torch.maximum(mask, inside.float())
+    height = 0.5 + torch.rand(n, 1, generator=g)
+    baseline = torch.cumsum(0.15 * torch.randn(n, length, generator=g), dim=1)
+    x = (baseline + height * mask + 0.3 * torch.randn(n, length, generator=g))[:, None]
+    torch.manual_seed(seed)
+    model = _Segmenter1d()
+    groups = by_patterns(model, {"encoder": r"^(enc|down)\.", "decoder": r"^up\."}, rest="head")
+    return Problem(model, groups, *_split(x, mask[:, None], 600), _bce_logit)
+
+
+class _SwiGLU(nn.Module):
+    """Two gated (SwiGLU) blocks with residual connections and a linear head."""
+
+    def __init__(self, d: int, width: int = 32, hidden: int = 64) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, width)
+        self.gates = nn.ModuleList(nn.Linear(width, 2 * hidden) for _ in range(2))
+        self.outs = nn.ModuleList(nn.Linear(hidden, width) for _ in range(2))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for gate, out in zip(self.gates, self.outs, strict=True):
+            a, b = gate(h).chunk(2, dim=1)
+            h = h + out(nn.functional.silu(a) * b)
+        return self.head(h)
+
+
+def swiglu_regression(seed: int) -> Problem:
+    g = _gen(184)
+    n, d = 4000, 12
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, 0] * x[:, 1] + torch.sin(2 * x[:, 2]) + 0.5 * x[:, 3:6].pow(2).sum(dim=1))[:, None]
+    y = y + 0.2 * torch.randn(n, 1, generator=g)
+    torch.manual_seed(seed)
+    model = _SwiGLU(d)
+    groups = by_patterns(
+        model, {"input": r"^inp\.", "gates": r"^gates\.", "outs": r"^outs\."}, rest="head"
+    )
+    return Problem(model, groups, *_split(x, y, 800), _mse)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -2335,6 +2448,50 @@ TASKS: dict[str, Task] = {
             "blind9",
             "per-layer",
             smoothed_dropout,
+        ),
+        Task(
+            "noisy_labels",
+            "classification",
+            "adam",
+            64,
+            500,
+            grid_3_per_decade(-4),
+            "blind10",
+            "per-layer",
+            noisy_labels,
+        ),
+        Task(
+            "embed_tabular",
+            "classification",
+            "momentum",
+            128,
+            500,
+            grid_3_per_decade(-2),
+            "blind10",
+            "embeddings/mlp",
+            embed_tabular,
+        ),
+        Task(
+            "segment_1d",
+            "classification",
+            "adamw",
+            32,
+            400,
+            grid_3_per_decade(-3),
+            "blind10",
+            "encoder/decoder/head",
+            segment_1d,
+        ),
+        Task(
+            "swiglu_regression",
+            "regression",
+            "sgd",
+            16,
+            600,
+            grid_3_per_decade(-3),
+            "blind10",
+            "per-role",
+            swiglu_regression,
         ),
     ]
 }
