@@ -285,11 +285,15 @@ def test_a_jump_noise_could_explain_cuts_only_the_groups_whose_fit_sees_an_overs
     noisy = RateDecision(0.1, False, "poor_fit")
     groups = [(0, over, 1.0), (1, under, 1.0), (2, noisy, 1.0)]
     cut, recent = spike_cuts(5e-2, floor, groups, start=1.6)
-    assert cut == [0] and recent == [5e-2]  # the floor starts again after the cut
+    assert cut == [(0, 0.1)] and recent == [5e-2]  # the floor starts again after the cut
     cut, recent = spike_cuts(5e-2, floor, groups[1:], start=1.6)
     assert cut == [] and recent == floor + [5e-2]
-    # a tenth of the progress undone: every group, whatever its fit says
-    assert spike_cuts(0.3, floor, groups[1:], start=1.6)[0] == [1, 2]
+    # a tenth of the progress undone, still below the start: a hard batch can do that, so the
+    # groups whose fits do not confirm it are only halved
+    cut, recent = spike_cuts(0.3, floor, groups, start=1.6)
+    assert cut == [(0, 0.1), (1, 0.5), (2, 0.5)] and recent == [0.3]
+    # back at the start or above: every group 10x, whatever its fit says
+    assert spike_cuts(1.7, floor, groups[1:], start=1.6)[0] == [(1, 0.1), (2, 0.1)]
     assert spike_cuts(3e-3, floor, groups, start=1.6) == ([], floor + [3e-3])  # no jump
     assert spike_cuts(5e-2, floor, groups, start=1.6, detect=False)[0] == []  # paper policy
     assert len(spike_cuts(1e-3, floor * SPIKE_WINDOW, groups, start=1.6)[1]) == SPIKE_WINDOW
@@ -1010,5 +1014,93 @@ def test_rates_whose_own_step_spikes_the_loss_are_cut_before_they_diverge(cut, m
     if cut:
         assert len(losses) == 40 and loss(everything).item() < 1.0  # below the initial loss
         assert opt.history[0].groups[1].action == "overshoot"
+        # the rate whose step blew the loss up is a ceiling from then on
+        ceiling = opt.history[0].groups[1].lr_before
+        assert opt.param_groups[1]["hidlr_ceiling"] == ceiling
+        assert max(r.groups[1].lr_after for r in opt.history) <= ceiling
     else:  # (within the first probe interval)
         assert not math.isfinite(losses[-1]) and len(losses) <= 4
+
+
+def test_a_blown_up_loss_is_ten_loss_scales_above_the_losses_seen():
+    from hidlr.rates import blown_up
+
+    assert blown_up(float("nan"), []) and blown_up(float("inf"), [1.0])
+    assert not blown_up(1e9, [])  # nothing to judge by
+    seen = [1.6, 0.5, 0.3]  # scale: the largest, 1.6; 10 scales above the floor: 16.3
+    assert not blown_up(16.0, seen) and blown_up(17.0, seen)
+    seen = [-0.5, -0.9]  # below zero: the scale is the range or the top's size, 0.5
+    assert not blown_up(4.0, seen) and blown_up(4.2, seen)
+    assert not blown_up(1.0, [0.0, 0.0])  # no scale at all: only a non-finite loss
+
+
+def _regression(rollback=True):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 6, generator=g, dtype=F64)
+    y = x @ torch.randn(6, 1, generator=g, dtype=F64) + 0.1 * torch.randn(512, 1, generator=g)
+    model = nn.Linear(6, 1).to(F64)
+    base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = hidlr.HiDLR(base, update_every=4, rollback=rollback)
+    batches = [torch.randint(0, 512, (32,), generator=g) for _ in range(61)]
+
+    def loss(i):
+        return ((model(x[batches[i]]) - y[batches[i]]) ** 2).mean()
+
+    return model, opt, loss, lambda: ((model(x) - y) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("rollback", [True, False])
+def test_weights_that_blow_up_between_probe_steps_go_back_to_the_last_probe_step(rollback):
+    model, opt, loss, total = _regression(rollback)
+    start = total()
+    kept = None
+    for i in range(60):
+        if i == 8:  # the probe step whose w0 is kept
+            kept = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        loss(i).backward()
+        opt.step(lambda i=i: loss(i + 1))
+        if i == 9:  # a step that wrecks the weights (as a huge gradient on one batch would)
+            with torch.no_grad():
+                model.weight.mul_(1e4)
+        if i == 12 and rollback:  # the next probe step finds the loss blown up
+            record = opt.history[-1]
+            assert record.step == 12 and {g.action for g in record.groups} == {"rollback"}
+            for p, q in zip(model.parameters(), kept, strict=True):  # (w0 up to rounding)
+                torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+            assert all("momentum_buffer" not in opt.optimizer.state[p] for p in model.parameters())
+            before = opt.history[-2].groups[0].lr_after
+            assert opt.lrs[0] == pytest.approx(0.1 * before)
+            assert opt.param_groups[0]["hidlr_ceiling"] == before
+    if rollback:
+        assert total() < 0.05 * start
+        ceiling = opt.param_groups[0]["hidlr_ceiling"]  # the rate the weights blew up at
+        assert max(r.groups[0].lr_after for r in opt.history[3:]) <= ceiling
+    else:
+        assert not all(g.action == "rollback" for r in opt.history for g in r.groups)
+        assert not total() < 0.05 * start  # the wrecked weights stay far off
+
+
+def test_rollback_is_checked():
+    model = nn.Linear(2, 1)
+    with pytest.raises(TypeError, match="rollback"):
+        hidlr.HiDLR(torch.optim.SGD(model.parameters(), lr=0.1), rollback="yes")
+
+
+@pytest.mark.parametrize("ceiling", [0.01, math.inf])
+def test_a_rate_never_grows_past_its_ceiling(ceiling):
+    w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=F64))
+    loss = lambda: 0.5 * (w**2).sum()  # noqa: E731 (the one-step optimum: rate 1)
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=1e-3), update_every=1)
+    opt.param_groups[0]["hidlr_ceiling"] = ceiling  # as an overshoot at 0.01 would have set
+    rates = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step(loss)
+        rates.append(opt.lrs[0])
+    if math.isfinite(ceiling):
+        assert max(rates) == ceiling
+    else:
+        assert max(rates) > 0.1  # the climb the ceiling stops

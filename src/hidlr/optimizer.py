@@ -55,6 +55,7 @@ from hidlr.rates import (
     NOISE_GATE,
     SPIKE_CUT,
     applied_rates,
+    blown_up,
     coupling_ratio,
     diagonal_rates,
     log_average,
@@ -163,6 +164,15 @@ class HiDLR(Optimizer):
             the step after confirms it: see the README): ``"defer"`` (default) switches
             ``defer_probes`` on from then on and warns (where the loop passes a closure at that
             step and the check can tell; otherwise it warns only); ``"warn"`` only warns.
+        rollback: under the robust policy, keep a copy of the trainable parameters at the
+            last probe step whose loss had not blown up, and go back to it when a probe step
+            finds the loss blown up (not finite, or more than 10 loss scales above the losses
+            of the earlier probe steps: :func:`hidlr.rates.blown_up`), with the base
+            optimizer's state for those parameters cleared (momentum and moment estimates
+            gathered on the wrecked weights) and every rate cut 10x, never again to exceed the
+            rate it had. Costs one copy of the trainable parameters, held throughout. Not with
+            ``defer_probes`` (there the probe step's update is kept) and not for module
+            buffers (BatchNorm statistics are the module's; the optimizer does not see them).
 
     Learning-rate schedulers: attach them to this optimizer (or the base one; they share
     param groups). A group's rate used at a step is ``lrs[k] * lr / ref``: the scheduler's
@@ -205,6 +215,7 @@ class HiDLR(Optimizer):
         history_size: int = 1000,
         defer_probes: bool = False,
         on_own_batch: str = "defer",
+        rollback: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, HiDLR):
             raise TypeError(
@@ -239,6 +250,7 @@ class HiDLR(Optimizer):
             "freeze_warmup": check_int("freeze_warmup", freeze_warmup, minimum=0),
             "defer_probes": check_bool("defer_probes", defer_probes),
             "on_own_batch": check_choice("on_own_batch", on_own_batch, ("defer", "warn")),
+            "rollback": check_bool("rollback", rollback),
         }
         self.defaults = optimizer.defaults
         for name in HOOKS:
@@ -261,6 +273,8 @@ class HiDLR(Optimizer):
         self._own_batch_scale = 0.0
         self._confirm_next = False
         self._pending: Pending | None = None  # a deferred probe step's snapshot
+        # the last probe step's w0 whose loss had not blown up: (parameters, their copies)
+        self._rollback: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._history: deque[ProbeRecord] = deque(
             maxlen=check_int("history_size", history_size, minimum=0)
         )
@@ -303,6 +317,7 @@ class HiDLR(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_first_loss", None)  # (pickled before it was kept)
+        self.__dict__.setdefault("_rollback", None)
         for name in HOOKS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
@@ -518,6 +533,7 @@ class HiDLR(Optimizer):
         group.setdefault("hidlr_influence", 0.0)
         group.setdefault("hidlr_probes", 0)
         group.setdefault("hidlr_frozen", False)
+        group.setdefault("hidlr_ceiling", math.inf)
 
     @staticmethod
     def _effective_lr(group: dict[str, Any]) -> float:
@@ -610,6 +626,11 @@ class HiDLR(Optimizer):
                 else None
             )
             self._probe_and_update(closure, movers, own=own)
+        except _BlownUp as blown:
+            for mover in movers:
+                mover.reset()
+            self._roll_back(blown.loss, blown.evaluations)
+            return
         except BaseException:
             for mover in movers:
                 mover.reset()
@@ -722,6 +743,15 @@ class HiDLR(Optimizer):
                         movers[k].move(-1.0)
                         movers[l].move(-1.0)
             fit, measured, probed = self._fit(rows, values, rates, anchor)
+            if robust and opts["rollback"] and not deferred and measured is not None:
+                seen = self._recent_losses + (
+                    [] if self._first_loss is None else [self._first_loss]
+                )
+                if blown_up(measured, seen):
+                    if self._rollback is not None:
+                        raise _BlownUp(measured, len(values) + (anchor is not None))
+                else:
+                    self._keep_w0(movers, active)
             anchored = replace(fit, intercept=measured) if robust and measured is not None else fit
             own_b = own_batch_slopes(own, active, used)
             agreed, compared = self._own_batch
@@ -758,8 +788,12 @@ class HiDLR(Optimizer):
                 start=first,
                 detect=robust,
             )
-            for k in spiked:
-                diag[k], actions[k] = diag[k] * SPIKE_CUT, "spike"
+            # (a checkpoint from before the ceilings were kept: none)
+            ceilings = [g.get("hidlr_ceiling", math.inf) for g in groups]
+            for k, factor in spiked:
+                diag[k], actions[k] = diag[k] * factor, "spike"
+                if factor == SPIKE_CUT:  # the rate the loss blew up at is not tried again
+                    ceilings[k] = min(ceilings[k], rates[k])
             coupling, n_coupling = self._coupling, self._coupling_updates
             step_loss, ratio, backtrack = math.nan, math.nan, 1.0
             measured_step = [coupling * d for d in diag]
@@ -794,6 +828,7 @@ class HiDLR(Optimizer):
                 if cut < 1.0:  # the new rates' own step multiplies the loss: no noise does that
                     for k in active:
                         diag[k], actions[k] = diag[k] * cut, "overshoot"
+                        ceilings[k] = min(ceilings[k], rates[k])
         # (a checkpoint from before the peak was kept: the larger of the initial and the
         # current rate)
         peaks = [g.get("hidlr_peak_lr", max(g["hidlr_lr"], g["hidlr_ref_lr"])) for g in groups]
@@ -808,6 +843,10 @@ class HiDLR(Optimizer):
             coupling=coupling,
             max_rate_change=opts["max_rate_change"],
         )
+        for k in range(n):
+            if new_rates[k] > ceilings[k]:
+                diag[k] *= ceilings[k] / new_rates[k]
+                new_rates[k] = ceilings[k]
         # an overshooting combined step is shortened now, to the minimum along the step that was
         # measured (the old coupling factor); the rates keep their averages
         this_step = [
@@ -826,6 +865,7 @@ class HiDLR(Optimizer):
             g["hidlr_lr"], g["hidlr_diag_lr"], g["hidlr_updates"] = new_rates[k], diag[k], counts[k]
             g["hidlr_descent"] = descents[k]
             g["hidlr_peak_lr"] = max(peaks[k], new_rates[k])
+            g["hidlr_ceiling"] = ceilings[k]
             if not g["hidlr_frozen"]:
                 gain = predicted_decrease(fit.b[k], fit.A[k][k]) if k in active else 0.0
                 g["hidlr_influence"] = update_influence(
@@ -934,6 +974,67 @@ class HiDLR(Optimizer):
             self.options["defer_probes"] = True
         if verdict in ("own", "unknown"):
             warn_own_batch(*self._own_batch, deferring=verdict == "own")
+
+    def _keep_w0(self, movers: list[GroupMover], active: list[int]) -> None:
+        """Copy ``w0`` of the parameters being probed into the rollback buffers (allocated
+        once, again only when the set of parameters changes)."""
+        for k in active:
+            movers[k].move(-1.0)
+        params = [p for m in movers for p in m.params]
+        kept = self._rollback
+        if (
+            kept is None
+            or len(kept[0]) != len(params)
+            or any(p is not q for p, q in zip(kept[0], params, strict=True))
+        ):
+            self._rollback = (params, snapshot(params))
+        else:
+            for copy, p in zip(kept[1], params, strict=True):  # (DTensors have no _foreach_copy_)
+                copy.copy_(p)
+
+    def _roll_back(self, loss: float, evaluations: int) -> None:
+        """Return to the kept ``w0`` after a blown-up loss; see ``rollback``."""
+        assert self._rollback is not None
+        params, copies = self._rollback
+        for p, copy in zip(params, copies, strict=True):
+            p.copy_(copy)
+        for p in params:
+            self.optimizer.state.pop(p, None)
+        records = []
+        for k, g in enumerate(self.param_groups):
+            old = g["hidlr_lr"]
+            g["hidlr_ceiling"] = min(g.get("hidlr_ceiling", math.inf), old)
+            g["hidlr_lr"], g["hidlr_diag_lr"] = old * SPIKE_CUT, g["hidlr_diag_lr"] * SPIKE_CUT
+            records.append(
+                GroupProbe.of(
+                    k,
+                    (old, g["hidlr_lr"]),
+                    math.nan,
+                    (math.nan, math.nan, math.nan),
+                    "blown_up",
+                    "rollback",
+                    (g["hidlr_influence"], math.nan),
+                    math.nan,
+                )
+            )
+        self._recent_losses = []
+        self._history.append(
+            ProbeRecord(
+                self._steps - 1,
+                loss,
+                evaluations,
+                tuple(records),
+                math.nan,
+                math.nan,
+                self._coupling,
+            )
+        )
+        logger.warning(
+            "hidlr: the loss blew up (%.3g) at step %d; back to the weights of the last probe "
+            "step, rates cut 10x",
+            loss,
+            self._steps - 1,
+        )
 
     def _loss_here(self, closure: Closure) -> float:
         """The closure's loss at the current weights, as a probe sees it (no autograd, the
@@ -1069,3 +1170,11 @@ def _scalar_loss(value: Any) -> torch.Tensor:
     raise TypeError(
         f"closure must return a scalar loss tensor or float, got {type(value).__name__}"
     )
+
+
+class _BlownUp(Exception):
+    """Raised inside a probe step whose loss at ``w0`` blew up, to return to the kept one."""
+
+    def __init__(self, loss: float, evaluations: int) -> None:
+        super().__init__(loss)
+        self.loss, self.evaluations = loss, evaluations
