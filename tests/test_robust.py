@@ -1034,14 +1034,14 @@ def test_a_blown_up_loss_is_ten_loss_scales_above_the_losses_seen():
     assert not blown_up(1.0, [0.0, 0.0])  # no scale at all: only a non-finite loss
 
 
-def _regression(rollback=True):
+def _regression(rollback=True, defer=False):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(512, 6, generator=g, dtype=F64)
     y = x @ torch.randn(6, 1, generator=g, dtype=F64) + 0.1 * torch.randn(512, 1, generator=g)
     model = nn.Linear(6, 1).to(F64)
     base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    opt = hidlr.HiDLR(base, update_every=4, rollback=rollback)
+    opt = hidlr.HiDLR(base, update_every=4, rollback=rollback, defer_probes=defer)
     batches = [torch.randint(0, 512, (32,), generator=g) for _ in range(61)]
 
     def loss(i):
@@ -1104,3 +1104,25 @@ def test_a_rate_never_grows_past_its_ceiling(ceiling):
         assert max(rates) == ceiling
     else:
         assert max(rates) > 0.1  # the climb the ceiling stops
+
+
+def test_deferred_probes_roll_back_too_and_skip_the_wrecked_gradient():
+    # probes deferred to the step after each probe step, on that step's own batch
+    model, opt, loss, total = _regression(defer=True)
+    start = total()
+    for i in range(60):
+        if i == 8:  # the probe step whose w0 the next step keeps
+            kept = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        loss(i).backward()
+        opt.step(lambda i=i: loss(i))
+        if i == 10:  # wrecked after the probes of step 8 were resolved at step 9
+            with torch.no_grad():
+                model.weight.mul_(1e4)
+        if i == 13:  # the probes of probe step 12 find w0 blown up, at step 13
+            record = opt.history[-1]
+            assert record.step == 12 and {g.action for g in record.groups} == {"rollback"}
+            for p, q in zip(model.parameters(), kept, strict=True):  # no update on top
+                torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+            assert opt.steps == 14 and not opt.optimizer.state[model.weight]
+    assert total() < 0.05 * start

@@ -132,16 +132,18 @@ class HiDLR(Optimizer):
             half the rate, halves it when they blow up, and for a group whose probes descend
             on fewer than 70% of its probe steps (noise-dominated) takes no proposal past the
             farthest probe and no growth without a fit. It measures the loss at ``w0`` (one
-            more forward pass) and cuts the rates 10x when that loss spikes (4x its recent
-            floor, or 4x the last probe step's; a jump that undoes less than a tenth of the
-            progress since the first probe step, which one hard batch near a zero loss can
-            explain, only for the groups whose fit says their step is over twice too long),
-            doubles a rate too small for the step to
-            change the weights at all (up to the group's largest rate so far), and with two or
-            more groups measures the combined step with one more forward pass (the coupling
-            the diagonal model misses; a combined step that multiplies the loss by 4 or more
-            cuts the rates 10x, or to its line minimum); a single group's new step is
-            measured so only where the step just taken multiplied the loss 4x. Use
+            more forward pass) and cuts the rates when that loss spikes (4x its recent floor,
+            or 4x the last probe step's): 10x for the groups whose fit says their step is over
+            twice too long, and for the others 10x where the loss is back at the first probe
+            step's or above, by half where it undoes more than a tenth of the progress since
+            then (one hard batch near a zero loss can), not at all where less. It doubles a
+            rate too small for the step to change the weights at all (up to the group's
+            largest rate so far), and with two or more groups measures the combined step with
+            one more forward pass (the coupling the diagonal model misses; a combined step
+            that multiplies the loss by 4 or more cuts the rates 10x, or to its line
+            minimum); a single group's new step is measured so only where the step just taken
+            multiplied the loss 4x. A rate cut 10x is a ceiling the group never exceeds again;
+            see ``rollback`` for a loss that has blown up. Use
             ``"paper"`` to reproduce the paper; ``"robust"`` never diverged on the robustness
             benchmark (see the README). For short runs, start within about 10x of the right
             rate: the climb from far below takes tens of probe steps.
@@ -170,9 +172,10 @@ class HiDLR(Optimizer):
             of the earlier probe steps: :func:`hidlr.rates.blown_up`), with the base
             optimizer's state for those parameters cleared (momentum and moment estimates
             gathered on the wrecked weights) and every rate cut 10x, never again to exceed the
-            rate it had. Costs one copy of the trainable parameters, held throughout. Not with
-            ``defer_probes`` (there the probe step's update is kept) and not for module
-            buffers (BatchNorm statistics are the module's; the optimizer does not see them).
+            rate it had. Costs one copy of the trainable parameters, held throughout. With
+            ``defer_probes`` the step that finds the blow-up takes no update of its own (its
+            gradient was taken at the wrecked weights). Module buffers are not rolled back
+            (BatchNorm statistics are the module's; the optimizer does not see them).
 
     Learning-rate schedulers: attach them to this optimizer (or the base one; they share
     param groups). A group's rate used at a step is ``lrs[k] * lr / ref``: the scheduler's
@@ -575,8 +578,10 @@ class HiDLR(Optimizer):
             )
         if self._own_batch_closure is not None:
             self._confirm_own_batch(closure)
-        if self._pending is not None:
-            self._resolve_pending(closure)  # type: ignore[arg-type]
+        if self._pending is not None and self._resolve_pending(closure):  # type: ignore[arg-type]
+            # rolled back: this step's gradient was taken at the wrecked weights, so no update
+            self._steps += 1
+            return None
         if not self.is_probe_step():
             self._base_step()
             self._steps += 1
@@ -652,9 +657,10 @@ class HiDLR(Optimizer):
         self._pending = Pending(self._steps, params, copies, used)
         self._steps += 1
 
-    def _resolve_pending(self, closure: Closure) -> None:
+    def _resolve_pending(self, closure: Closure) -> bool:
         """The probes of the deferred probe step, around its ``w0`` along its update, with this
-        step's closure; the parameters end where they are (the deferred step's update stays)."""
+        step's closure; the parameters end where they are (the deferred step's update stays).
+        Returns whether the loss had blown up and the parameters were rolled back."""
         pending, self._pending = self._pending, None  # a failure drops it: no rate changes
         assert pending is not None
         # groups added since the probe step (add_param_group) have nothing to probe
@@ -664,10 +670,16 @@ class HiDLR(Optimizer):
         movers = self._movers(params, list(pending.w0))
         try:
             self._probe_and_update(closure, movers, used=used, step=pending.step)
+        except _BlownUp as blown:
+            for mover in movers:
+                mover.reset()
+            self._roll_back(blown.loss, blown.evaluations, pending.step)
+            return True
         except BaseException:
             for mover in movers:
                 mover.reset()
             raise
+        return False
 
     def _probe_and_update(
         self,
@@ -743,7 +755,7 @@ class HiDLR(Optimizer):
                         movers[k].move(-1.0)
                         movers[l].move(-1.0)
             fit, measured, probed = self._fit(rows, values, rates, anchor)
-            if robust and opts["rollback"] and not deferred and measured is not None:
+            if robust and opts["rollback"] and measured is not None:
                 seen = self._recent_losses + (
                     [] if self._first_loss is None else [self._first_loss]
                 )
@@ -992,7 +1004,7 @@ class HiDLR(Optimizer):
             for copy, p in zip(kept[1], params, strict=True):  # (DTensors have no _foreach_copy_)
                 copy.copy_(p)
 
-    def _roll_back(self, loss: float, evaluations: int) -> None:
+    def _roll_back(self, loss: float, evaluations: int, step: int | None = None) -> None:
         """Return to the kept ``w0`` after a blown-up loss; see ``rollback``."""
         assert self._rollback is not None
         params, copies = self._rollback
@@ -1020,7 +1032,7 @@ class HiDLR(Optimizer):
         self._recent_losses = []
         self._history.append(
             ProbeRecord(
-                self._steps - 1,
+                self._steps - 1 if step is None else step,
                 loss,
                 evaluations,
                 tuple(records),
@@ -1033,7 +1045,7 @@ class HiDLR(Optimizer):
             "hidlr: the loss blew up (%.3g) at step %d; back to the weights of the last probe "
             "step, rates cut 10x",
             loss,
-            self._steps - 1,
+            self._steps - 1 if step is None else step,
         )
 
     def _loss_here(self, closure: Closure) -> float:
