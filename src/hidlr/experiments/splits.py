@@ -21,4 +21,5 @@ SPLITS = (
     "blind8",
     "blind9",
     "blind10",
+    "blind11",
 )

@@ -1790,6 +1790,146 @@ def swiglu_regression(seed: int) -> Problem:
     return Problem(model, groups, *_split(x, y, 800), _mse)
 
 
+class _Adapters(nn.Module):
+    """A frozen random MLP body with a trainable bottleneck adapter after each hidden layer
+    (its up-projection starts at zero, so the down-projections start without a gradient)."""
+
+    def __init__(self, d: int, k: int, width: int = 96, bottleneck: int = 8) -> None:
+        super().__init__()
+        self.body = nn.ModuleList([nn.Linear(d, width), nn.Linear(width, width)])
+        self.down = nn.ModuleList(nn.Linear(width, bottleneck) for _ in range(2))
+        self.up = nn.ModuleList(nn.Linear(bottleneck, width) for _ in range(2))
+        self.head = nn.Linear(width, k)
+        for param in self.up.parameters():
+            nn.init.zeros_(param)
+        self.body.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer, down, up in zip(self.body, self.down, self.up, strict=True):
+            h = torch.relu(layer(h))
+            h = h + up(torch.relu(down(h)))
+        return self.head(h)
+
+
+def adapter_frozen(seed: int) -> Problem:
+    g = _gen(185)
+    n, d, k = 5000, 16, 4
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, k, generator=g)
+    y = (torch.tanh(x) @ w + 0.5 * x[:, :k] * x[:, k : 2 * k]).argmax(dim=1)
+    torch.manual_seed(seed)
+    model = _Adapters(d, k)
+    groups = by_patterns(model, {"down": r"^down\.", "up": r"^up\."}, rest="head")
+    return Problem(model, groups, *_split(x, y, 1000), _ce)
+
+
+class _SeparableCNN(nn.Module):
+    """A 2-D CNN of depthwise-separable blocks with BatchNorm, global average pooling, a head."""
+
+    def __init__(self, k: int, width: int = 24) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        blocks: list[nn.Module] = []
+        for _ in range(2):
+            blocks += [
+                nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False),
+                nn.BatchNorm2d(width),
+                nn.Conv2d(width, width, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(width, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+def separable_blobs(seed: int) -> Problem:
+    g = _gen(186)
+    n, size = 3000, 16
+    # count the Gaussian blobs (1 to 4) of random place and width on a noisy background
+    count = torch.randint(1, 5, (n,), generator=g)
+    grid = torch.arange(size, dtype=torch.float32)
+    images = torch.zeros(n, size, size)
+    for j in range(4):
+        centre = 2 + 12 * torch.rand(n, 2, generator=g)
+        width = 0.8 + 0.8 * torch.rand(n, 1, 1, generator=g)
+        dy = (grid[None, :, None] - centre[:, 0, None, None]) ** 2
+        dx = (grid[None, None, :] - centre[:, 1, None, None]) ** 2
+        blob = torch.exp(-(dx + dy) / (2 * width**2))
+        images = images + (j < count).float()[:, None, None] * blob
+    x = (images + 0.3 * torch.randn(n, size, size, generator=g))[:, None]
+    torch.manual_seed(seed)
+    model = _SeparableCNN(4)
+
+    def in_blocks(ndim: int, kernel: int = 0) -> Callable[[str, torch.Tensor], bool]:
+        return lambda name, p: (
+            name.startswith("blocks.") and p.ndim == ndim and (kernel == 0 or p.shape[-1] == kernel)
+        )
+
+    groups = by_patterns(
+        model,
+        {"depthwise": in_blocks(4, 3), "pointwise": in_blocks(4, 1), "norm": in_blocks(1)},
+        rest="stem/head",
+    )
+    return Problem(model, groups, *_split(x, count - 1, 600), _ce)
+
+
+def _cox_partial_nll(risk: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cox's negative log partial likelihood (Breslow, no ties) over the batch; ``y`` holds
+    (time, event) per row."""
+    order = torch.argsort(y[:, 0], descending=True)
+    risk, event = risk[order, 0], y[order, 1]
+    at_risk = torch.logcumsumexp(risk, dim=0)  # everyone who lasted at least as long
+    return -((risk - at_risk) * event).sum() / event.sum().clamp_min(1.0)
+
+
+def cox_survival(seed: int) -> Problem:
+    g = _gen(187)
+    n, d = 6000, 10
+    x = torch.randn(n, d, generator=g)
+    log_hazard = torch.tanh(x[:, 0]) + 0.5 * x[:, 1] * x[:, 2] - 0.4 * x[:, 3].abs()
+    # exponential event times under that hazard, censored by an independent exponential clock
+    time = -torch.log(torch.rand(n, generator=g)) / torch.exp(log_hazard)
+    censor = -torch.log(torch.rand(n, generator=g)) / 0.5
+    y = torch.stack([torch.minimum(time, censor), (time <= censor).float()], dim=1)
+    torch.manual_seed(seed)
+    model = MLP([d, 64, 64, 1])
+    return Problem(model, by_depth(model), *_split(x, y, 1500), _cox_partial_nll)
+
+
+class _PiNet(nn.Module):
+    """A degree-3 polynomial network: each layer multiplies the running features by a new
+    linear map of the input (a product of linear maps, no activation), then a linear head."""
+
+    def __init__(self, d: int, width: int = 32) -> None:
+        super().__init__()
+        self.maps = nn.ModuleList(nn.Linear(d, width) for _ in range(3))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.maps[0](x)
+        for m in self.maps[1:]:
+            h = h * m(x) + h
+        return self.head(h)
+
+
+def pinet_poly(seed: int) -> Problem:
+    g = _gen(188)
+    n, d = 4000, 8
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, 0] * x[:, 1] * x[:, 2] + x[:, 3] ** 2 - x[:, 4] + 0.5 * x[:, 5] * x[:, 6])[:, None]
+    y = y + 0.2 * torch.randn(n, 1, generator=g)
+    torch.manual_seed(seed)
+    model = _PiNet(d)
+    return Problem(model, by_depth(model), *_split(x, y, 800), _mse)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -2492,6 +2632,50 @@ TASKS: dict[str, Task] = {
             "blind10",
             "per-role",
             swiglu_regression,
+        ),
+        Task(
+            "adapter_frozen",
+            "classification",
+            "momentum",
+            64,
+            500,
+            grid_3_per_decade(-2),
+            "blind11",
+            "down/up/head",
+            adapter_frozen,
+        ),
+        Task(
+            "separable_blobs",
+            "classification",
+            "sgd",
+            128,
+            400,
+            grid_3_per_decade(-2),
+            "blind11",
+            "per-role",
+            separable_blobs,
+        ),
+        Task(
+            "cox_survival",
+            "regression",
+            "adam",
+            256,
+            400,
+            grid_3_per_decade(-4),
+            "blind11",
+            "per-layer",
+            cox_survival,
+        ),
+        Task(
+            "pinet_poly",
+            "regression",
+            "sgd",
+            32,
+            600,
+            grid_3_per_decade(-3),
+            "blind11",
+            "per-layer",
+            pinet_poly,
         ),
     ]
 }
