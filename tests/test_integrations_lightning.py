@@ -204,6 +204,33 @@ def test_probes_see_the_chosen_batch(probe_batch):
         HiDLRCallback(probe_batch="both")
 
 
+def test_a_blow_up_rolls_back_at_the_deferred_probe_step_from_the_training_loss():
+    class Wrecked(Recording):
+        def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+            if self.trainer.global_step == 6:  # after step 5, which resolved probe step 4
+                with torch.no_grad():
+                    self.head.weight.mul_(1e4)
+
+        def probe_loss(self, batch):
+            self.probed_at.append(self.trainer.global_step)
+            return super().probe_loss(batch)
+
+    net = Wrecked()
+    net.probed_at = []
+    trainer = _trainer(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(net, _loader())
+    opt = _opt(trainer)
+    rolled = [r.step for r in opt.history if {g.action for g in r.groups} == {"rollback"}]
+    # probe step 6 finds its loss blown up from the training loss: rolled back there, so the
+    # step after it has no probes to run (10 forward passes at each other step after one)
+    assert rolled == [6]
+    assert 7 not in net.probed_at and net.probed_at.count(5) == 10
+    assert opt.steps == 2 * BATCHES_PER_EPOCH
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
 class EveryThird(Net):
     def configure_optimizers(self):
         opt = super().configure_optimizers()

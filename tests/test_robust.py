@@ -1106,23 +1106,27 @@ def test_a_rate_never_grows_past_its_ceiling(ceiling):
         assert max(rates) > 0.1  # the climb the ceiling stops
 
 
-def test_deferred_probes_roll_back_too_and_skip_the_wrecked_gradient():
-    # probes deferred to the step after each probe step, on that step's own batch
+@pytest.mark.parametrize("gate", [False, True])
+def test_deferred_probes_roll_back_too_and_skip_the_wrecked_gradient(gate):
+    # probes deferred to the step after each probe step, on that step's own batch; with a
+    # closure at every step (gate=False) the probe step itself checks its w0 for a blow-up,
+    # with one only where needs_closure() (gate=True) the step after finds it
     model, opt, loss, total = _regression(defer=True)
     start = total()
+    found = 13 if gate else 12
     for i in range(60):
         if i == 8:  # the probe step whose w0 the next step keeps
             kept = [p.detach().clone() for p in model.parameters()]
         opt.zero_grad()
         loss(i).backward()
-        opt.step(lambda i=i: loss(i))
+        opt.step((lambda i=i: loss(i)) if opt.needs_closure() or not gate else None)
         if i == 10:  # wrecked after the probes of step 8 were resolved at step 9
             with torch.no_grad():
                 model.weight.mul_(1e4)
-        if i == 13:  # the probes of probe step 12 find w0 blown up, at step 13
+        if i == found:
             record = opt.history[-1]
             assert record.step == 12 and {g.action for g in record.groups} == {"rollback"}
             for p, q in zip(model.parameters(), kept, strict=True):  # no update on top
                 torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
-            assert opt.steps == 14 and not opt.optimizer.state[model.weight]
+            assert opt.steps == found + 1 and not opt.optimizer.state[model.weight]
     assert total() < 0.05 * start

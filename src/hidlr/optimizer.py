@@ -157,7 +157,8 @@ class HiDLR(Optimizer):
             closure, on the batch it trains on: the probes see the next batch without the
             training loop handing it over (a plain ``step(closure)`` on the current batch).
             The probe step itself then needs no closure, the step after it does
-            (:meth:`needs_closure`); the new rates apply from that step on instead of to the
+            (:meth:`needs_closure`); one passed at the probe step too is used for the
+            ``rollback`` check there, one forward pass earlier than the probes can make it; the new rates apply from that step on instead of to the
             probe step's own update, and the one extra copy of the trainable parameters is held
             from the probe step to the next (it is part of :meth:`state_dict` meanwhile).
             Not with :class:`~hidlr.integrations.distributed.DistributedHiDLR`.
@@ -174,7 +175,8 @@ class HiDLR(Optimizer):
             gathered on the wrecked weights) and every rate cut 10x, never again to exceed the
             rate it had. Costs one copy of the trainable parameters, held throughout. With
             ``defer_probes`` the step that finds the blow-up takes no update of its own (its
-            gradient was taken at the wrecked weights). Module buffers are not rolled back
+            gradient was taken at the wrecked weights); that is the probe step itself when it
+            is given a closure (one more forward pass per probe step), else the step after. Module buffers are not rolled back
             (BatchNorm statistics are the module's; the optimizer does not see them).
 
     Learning-rate schedulers: attach them to this optimizer (or the base one; they share
@@ -587,6 +589,9 @@ class HiDLR(Optimizer):
             self._steps += 1
             return None
         if self.options.get("defer_probes", False):
+            if callable(closure) and self._blown_up_before_deferring(closure):
+                self._steps += 1  # rolled back: no update on this step's wrecked gradient
+                return None
             self._defer_probe_step()
             return None
         self._probe_step(closure)  # type: ignore[arg-type]
@@ -649,6 +654,20 @@ class HiDLR(Optimizer):
                 self._own_batch_closure = (closure, reference, self._own_batch_scale)
             except Exception as error:
                 self._own_batch_failed(error)
+
+    def _blown_up_before_deferring(self, closure: Closure) -> bool:
+        """At a deferred probe step given a closure: whether the loss here (``w0``) has blown
+        up, checked at once (one forward pass) rather than at the next step, and if so the
+        rollback. Weights can go from a large finite loss to a non-finite one in that step."""
+        opts = self.options
+        if opts["policy"] != "robust" or not opts["rollback"] or self._rollback is None:
+            return False
+        loss = self._loss_here(closure)
+        seen = self._recent_losses + ([] if self._first_loss is None else [self._first_loss])
+        if not blown_up(loss, seen):
+            return False
+        self._roll_back(loss, 1, self._steps)
+        return True
 
     def _defer_probe_step(self) -> None:
         """The probe step's update, keeping ``w0`` for its probes at the next step."""

@@ -100,6 +100,11 @@ class LightningHiDLR(HiDLR):
                 "hidlr.integrations.lightning.HiDLRCallback() to the Trainer's callbacks and "
                 "define probe_loss(batch) on the LightningModule"
             )
+        deferred = self.options["defer_probes"] and self.is_probe_step()
+        if probe is None and deferred and isinstance(loss, torch.Tensor):
+            # the training loss is the loss at the deferred probe step's w0: the rollback
+            # checks it for a blow-up at once, at no cost
+            probe = lambda: loss  # noqa: E731
         self._hidlr_step(probe)  # (not super().step: the optimizer hooks would run twice)
         return loss
 
