@@ -1109,8 +1109,8 @@ def test_a_rate_never_grows_past_its_ceiling(ceiling):
 @pytest.mark.parametrize("gate", [False, True])
 def test_deferred_probes_roll_back_too_and_skip_the_wrecked_gradient(gate):
     # probes deferred to the step after each probe step, on that step's own batch; with a
-    # closure at every step (gate=False) the probe step itself checks its w0 for a blow-up,
-    # with one only where needs_closure() (gate=True) the step after finds it
+    # closure at every step (gate=False) probe step 12 finds the loss there blown up, with
+    # one only where needs_closure() (gate=True) the step after does
     model, opt, loss, total = _regression(defer=True)
     start = total()
     found = 13 if gate else 12
@@ -1125,8 +1125,32 @@ def test_deferred_probes_roll_back_too_and_skip_the_wrecked_gradient(gate):
                 model.weight.mul_(1e4)
         if i == found:
             record = opt.history[-1]
-            assert record.step == 12 and {g.action for g in record.groups} == {"rollback"}
+            assert record.step == found and {g.action for g in record.groups} == {"rollback"}
             for p, q in zip(model.parameters(), kept, strict=True):  # no update on top
                 torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
             assert opt.steps == found + 1 and not opt.optimizer.state[model.weight]
+    assert total() < 0.05 * start
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_a_deferred_update_that_wrecks_the_weights_is_rolled_back_at_the_step_after(gate):
+    # the probe step's own update is taken before its probes: here it wrecks the weights,
+    # while its w0 is sound. The step after finds the loss at the current weights blown up
+    model, opt, loss, total = _regression(defer=True)
+    start = total()
+    for i in range(40):
+        if i == 8:
+            kept = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        loss(i).backward()
+        opt.step((lambda i=i: loss(i)) if opt.needs_closure() or not gate else None)
+        if i == 12:  # right after probe step 12's update
+            with torch.no_grad():
+                model.weight.mul_(1e4)
+        if i == 13:
+            record = opt.history[-1]
+            assert record.step == 13 and {g.action for g in record.groups} == {"rollback"}
+            for p, q in zip(model.parameters(), kept, strict=True):
+                torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+            assert not opt.needs_closure()  # probe step 12's probes were dropped
     assert total() < 0.05 * start

@@ -157,8 +157,8 @@ class HiDLR(Optimizer):
             closure, on the batch it trains on: the probes see the next batch without the
             training loop handing it over (a plain ``step(closure)`` on the current batch).
             The probe step itself then needs no closure, the step after it does
-            (:meth:`needs_closure`); one passed at the probe step too is used for the
-            ``rollback`` check there, one forward pass earlier than the probes can make it; the new rates apply from that step on instead of to the
+            (:meth:`needs_closure`); one passed at the probe step too lets the ``rollback``
+            check the loss there (one forward pass), as it does at the step after; the new rates apply from that step on instead of to the
             probe step's own update, and the one extra copy of the trainable parameters is held
             from the probe step to the next (it is part of :meth:`state_dict` meanwhile).
             Not with :class:`~hidlr.integrations.distributed.DistributedHiDLR`.
@@ -175,8 +175,10 @@ class HiDLR(Optimizer):
             gathered on the wrecked weights) and every rate cut 10x, never again to exceed the
             rate it had. Costs one copy of the trainable parameters, held throughout. With
             ``defer_probes`` the step that finds the blow-up takes no update of its own (its
-            gradient was taken at the wrecked weights); that is the probe step itself when it
-            is given a closure (one more forward pass per probe step), else the step after. Module buffers are not rolled back
+            gradient was taken at the wrecked weights); the loss at the current weights is
+            checked at the probe step (when it is given a closure) and at the step after (one
+            forward pass each), so a blow-up caused by the deferred step's own update, taken
+            before its probes, is caught too. Module buffers are not rolled back
             (BatchNorm statistics are the module's; the optimizer does not see them).
 
     Learning-rate schedulers: attach them to this optimizer (or the base one; they share
@@ -564,9 +566,11 @@ class HiDLR(Optimizer):
         self._hidlr_step(closure)
 
     @torch.no_grad()
-    def _hidlr_step(self, closure: Closure | None) -> None:
+    def _hidlr_step(self, closure: Closure | None, loss_here: Any = None) -> None:
         # the step itself; subclasses that wrap step() call this rather than super().step():
-        # torch wraps every class's step() with the optimizer hooks, so those would run twice
+        # torch wraps every class's step() with the optimizer hooks, so those would run twice.
+        # loss_here: the loss at the current weights where the caller has it (LightningHiDLR:
+        # the training loss), for the deferred probes' blow-up check
         if self.needs_closure() and (closure is None or not callable(closure)):
             when = (
                 f"the step after a probe step with defer_probes=True (step {self._steps})"
@@ -580,6 +584,15 @@ class HiDLR(Optimizer):
             )
         if self._own_batch_closure is not None:
             self._confirm_own_batch(closure)
+        deferring = self.options.get("defer_probes", False)
+        if (
+            deferring
+            and (self._pending is not None or self.is_probe_step())
+            and self._wrecked_here(closure, loss_here)
+        ):
+            self._pending = None  # (its w0 is where the deferred step wrecked the weights from)
+            self._steps += 1  # rolled back: no update on this step's wrecked gradient
+            return None
         if self._pending is not None and self._resolve_pending(closure):  # type: ignore[arg-type]
             # rolled back: this step's gradient was taken at the wrecked weights, so no update
             self._steps += 1
@@ -588,10 +601,7 @@ class HiDLR(Optimizer):
             self._base_step()
             self._steps += 1
             return None
-        if self.options.get("defer_probes", False):
-            if callable(closure) and self._blown_up_before_deferring(closure):
-                self._steps += 1  # rolled back: no update on this step's wrecked gradient
-                return None
+        if deferring:
             self._defer_probe_step()
             return None
         self._probe_step(closure)  # type: ignore[arg-type]
@@ -655,18 +665,26 @@ class HiDLR(Optimizer):
             except Exception as error:
                 self._own_batch_failed(error)
 
-    def _blown_up_before_deferring(self, closure: Closure) -> bool:
-        """At a deferred probe step given a closure: whether the loss here (``w0``) has blown
-        up, checked at once (one forward pass) rather than at the next step, and if so the
-        rollback. Weights can go from a large finite loss to a non-finite one in that step."""
+    def _wrecked_here(self, closure: Closure | None, loss_here: Any) -> bool:
+        """Under ``defer_probes``, at a probe step and at the step after one: whether the loss
+        at the current weights has blown up (``loss_here``, else the closure's: one forward
+        pass; neither: not checked), and if so the rollback. The probes see ``w0`` one step
+        late: by then the weights can have gone from a large finite loss to a non-finite one,
+        and the deferred step's own update, taken at rates the probes would have cut, can
+        be what wrecked them."""
         opts = self.options
         if opts["policy"] != "robust" or not opts["rollback"] or self._rollback is None:
             return False
-        loss = self._loss_here(closure)
+        if loss_here is not None:
+            loss, evaluations = _scalar_loss(loss_here).item(), 0
+        elif callable(closure):
+            loss, evaluations = self._loss_here(closure), 1
+        else:
+            return False
         seen = self._recent_losses + ([] if self._first_loss is None else [self._first_loss])
         if not blown_up(loss, seen):
             return False
-        self._roll_back(loss, 1, self._steps)
+        self._roll_back(loss, evaluations, self._steps)
         return True
 
     def _defer_probe_step(self) -> None:

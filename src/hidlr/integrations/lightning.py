@@ -100,12 +100,10 @@ class LightningHiDLR(HiDLR):
                 "hidlr.integrations.lightning.HiDLRCallback() to the Trainer's callbacks and "
                 "define probe_loss(batch) on the LightningModule"
             )
-        deferred = self.options["defer_probes"] and self.is_probe_step()
-        if probe is None and deferred and isinstance(loss, torch.Tensor):
-            # the training loss is the loss at the deferred probe step's w0: the rollback
-            # checks it for a blow-up at once, at no cost
-            probe = lambda: loss  # noqa: E731
-        self._hidlr_step(probe)  # (not super().step: the optimizer hooks would run twice)
+        # the training loss is the loss at the current weights, which the deferred probes'
+        # rollback checks for a blow-up at no cost (not a forward pass of its own)
+        here = loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+        self._hidlr_step(probe, here)  # (not super().step: the optimizer hooks would run twice)
         return loss
 
     def __getstate__(self) -> dict[str, Any]:
