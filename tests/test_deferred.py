@@ -183,6 +183,27 @@ def test_a_failing_closure_keeps_the_probe_steps_update_and_the_rates():
     assert opt.steps == 3
 
 
+def test_a_closure_failing_in_the_blow_up_check_changes_nothing_and_drops_the_probes():
+    batches = _batches(8)
+    model, opt = _run()
+    _train(model, opt, batches[:7])  # probe step 6's probes pending, a rollback copy kept
+    assert opt.needs_closure()
+    before = [p.detach().clone() for p in model.parameters()]
+    lrs, records = opt.lrs, len(opt.history)
+    x, y = batches[7]
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+
+    def closure():  # fails at its first call: the check of the loss at the current weights
+        raise Boom("closure failed")
+
+    with pytest.raises(Boom):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert opt.steps == 7 and opt.lrs == lrs and len(opt.history) == records
+    assert not opt.needs_closure()
+
+
 def test_distributed_refuses_deferred_probes():
     from hidlr.integrations.distributed import DistributedHiDLR
 

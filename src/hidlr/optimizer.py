@@ -585,14 +585,16 @@ class HiDLR(Optimizer):
         if self._own_batch_closure is not None:
             self._confirm_own_batch(closure)
         deferring = self.options.get("defer_probes", False)
-        if (
-            deferring
-            and (self._pending is not None or self.is_probe_step())
-            and self._wrecked_here(closure, loss_here)
-        ):
-            self._pending = None  # (its w0 is where the deferred step wrecked the weights from)
-            self._steps += 1  # rolled back: no update on this step's wrecked gradient
-            return None
+        if deferring and (self._pending is not None or self.is_probe_step()):
+            try:
+                wrecked = self._wrecked_here(closure, loss_here)
+            except BaseException:
+                self._pending = None  # a failing closure drops the deferred probes, as below
+                raise
+            if wrecked:
+                self._pending = None  # (its w0 is where the deferred step wrecked them from)
+                self._steps += 1  # rolled back: no update on this step's wrecked gradient
+                return None
         if self._pending is not None and self._resolve_pending(closure):  # type: ignore[arg-type]
             # rolled back: this step's gradient was taken at the wrecked weights, so no update
             self._steps += 1
