@@ -190,9 +190,11 @@ def test_a_closure_failing_in_the_blow_up_check_changes_nothing_and_drops_the_pr
     assert opt.needs_closure()
     before = [p.detach().clone() for p in model.parameters()]
     lrs, records = opt.lrs, len(opt.history)
+    state = json.dumps({k: str(v) for k, v in opt.optimizer.state_dict()["state"].items()})
     x, y = batches[7]
     opt.zero_grad()
     nn.functional.mse_loss(model(x), y).backward()
+    buffers = [b.clone() for b in model.buffers()]
 
     def closure():  # fails at its first call: the check of the loss at the current weights
         raise Boom("closure failed")
@@ -200,6 +202,8 @@ def test_a_closure_failing_in_the_blow_up_check_changes_nothing_and_drops_the_pr
     with pytest.raises(Boom):
         opt.step(closure)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers, strict=True))
+    assert json.dumps({k: str(v) for k, v in opt.optimizer.state_dict()["state"].items()}) == state
     assert opt.steps == 7 and opt.lrs == lrs and len(opt.history) == records
     assert not opt.needs_closure()
 

@@ -223,12 +223,30 @@ def test_a_blow_up_rolls_back_at_the_deferred_probe_step_from_the_training_loss(
         trainer.fit(net, _loader())
     opt = _opt(trainer)
     rolled = [r.step for r in opt.history if {g.action for g in r.groups} == {"rollback"}]
-    # probe step 6 finds its loss blown up from the training loss: rolled back there, so the
-    # step after it has no probes to run (10 forward passes at each other step after one)
+    # probe step 6 finds its training loss blown up against the earlier ones: rolled back
+    # there at no cost, so the step after has no probes to run (10 forward passes at the
+    # other steps after a probe step)
     assert rolled == [6]
     assert 7 not in net.probed_at and net.probed_at.count(5) == 10
     assert opt.steps == 2 * BATCHES_PER_EPOCH
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_a_training_loss_on_another_scale_than_the_probes_is_no_blow_up():
+    class Offset(Net):
+        def training_step(self, batch, batch_idx):
+            # the probes' loss plus a large term without a gradient (as a penalty on frozen
+            # weights would be): the same step, a training loss on another scale
+            x, y = batch
+            return nn.functional.mse_loss(self(x), y) + 1e3
+
+    net, trainer = Offset(), _trainer(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(net, _loader())
+    opt = _opt(trainer)
+    assert not any(g.action == "rollback" for r in opt.history for g in r.groups)
+    assert min(opt.lrs) > 1e-3
 
 
 class EveryThird(Net):

@@ -54,6 +54,7 @@ from hidlr.influence import choose_frozen, predicted_decrease, update_influence
 from hidlr.rates import (
     NOISE_GATE,
     SPIKE_CUT,
+    SPIKE_WINDOW,
     applied_rates,
     blown_up,
     coupling_ratio,
@@ -157,8 +158,8 @@ class HiDLR(Optimizer):
             closure, on the batch it trains on: the probes see the next batch without the
             training loop handing it over (a plain ``step(closure)`` on the current batch).
             The probe step itself then needs no closure, the step after it does
-            (:meth:`needs_closure`); one passed at the probe step too lets the ``rollback``
-            check the loss there (one forward pass), as it does at the step after; the new rates apply from that step on instead of to the
+            (:meth:`needs_closure`); one passed at the probe step too lets the
+            ``rollback`` check the loss there (one forward pass), as at the step after; the new rates apply from that step on instead of to the
             probe step's own update, and the one extra copy of the trainable parameters is held
             from the probe step to the next (it is part of :meth:`state_dict` meanwhile).
             Not with :class:`~hidlr.integrations.distributed.DistributedHiDLR`.
@@ -178,7 +179,8 @@ class HiDLR(Optimizer):
             gradient was taken at the wrecked weights); the loss at the current weights is
             checked at the probe step (when it is given a closure) and at the step after (one
             forward pass each), so a blow-up caused by the deferred step's own update, taken
-            before its probes, is caught too. Module buffers are not rolled back
+            before its probes, is caught too; the history records such a rollback at the step
+            that found it. Module buffers are not rolled back
             (BatchNorm statistics are the module's; the optimizer does not see them).
 
     Learning-rate schedulers: attach them to this optimizer (or the base one; they share
@@ -268,6 +270,9 @@ class HiDLR(Optimizer):
         self._coupling_updates = 0
         self._recent_losses: list[float] = []  # fitted unperturbed losses of recent probe steps
         self._first_loss: float | None = None  # and the first (finite) one, the spikes' scale
+        # the caller's losses at the deferred probes' blow-up checks (loss_here): the first, then
+        # the recent ones; judged against each other, as they need not be the closure's function
+        self._here_losses: list[float] = []
         # of the first probe fits compared with the gradient's own slope, how many reproduced
         # it (a closure on the gradient's own batch is acted on once) and how many in all
         self._own_batch: tuple[int, int] = (0, 0)
@@ -325,6 +330,7 @@ class HiDLR(Optimizer):
         self.__dict__.update(state)
         self.__dict__.setdefault("_first_loss", None)  # (pickled before it was kept)
         self.__dict__.setdefault("_rollback", None)
+        self.__dict__.setdefault("_here_losses", [])
         for name in HOOKS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
@@ -368,6 +374,7 @@ class HiDLR(Optimizer):
                 "coupling_updates": self._coupling_updates,
                 "recent_losses": list(self._recent_losses),
                 "first_loss": self._first_loss,
+                "here_losses": list(self._here_losses),
                 "own_batch": list(self._own_batch),
                 "own_batch_outcome": self._own_batch_outcome,
                 "options": dict(self.options),
@@ -410,6 +417,7 @@ class HiDLR(Optimizer):
         # (a checkpoint from before it was kept: the next probe step's loss stands in)
         first = saved.get("first_loss")
         self._first_loss = None if first is None else float(first)
+        self._here_losses = [float(v) for v in saved.get("here_losses", [])]
         agreed, compared = saved.get("own_batch", (0, 0))
         self._own_batch = (int(agreed), int(compared))
         self._own_batch_closure, self._confirm_next = None, False
@@ -421,6 +429,9 @@ class HiDLR(Optimizer):
             (ProbeRecord.from_dict(r) for r in saved["history"]), maxlen=self._history.maxlen
         )
         self._pending = pending_from_state(saved.get("pending"), self.param_groups)
+        # (not in the state: a resumed run keeps its next sound probe step's w0, as a fresh
+        # optimizer would; never weights of the run that was loaded over)
+        self._rollback = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -482,8 +493,9 @@ class HiDLR(Optimizer):
         return tuple(self._history)
 
     def needs_closure(self) -> bool:
-        """Whether the next :meth:`step` evaluates the closure: a probe step, or with
-        ``defer_probes`` the step after one."""
+        """Whether the next :meth:`step` needs the closure: a probe step, or with
+        ``defer_probes`` the step after one (where the probe step is given one too, it checks
+        the loss there for a blow-up: see ``rollback``)."""
         if self._pending is not None:
             return True
         return not self.options.get("defer_probes", False) and self.is_probe_step()
@@ -585,7 +597,7 @@ class HiDLR(Optimizer):
         if self._own_batch_closure is not None:
             self._confirm_own_batch(closure)
         deferring = self.options.get("defer_probes", False)
-        if deferring and (self._pending is not None or self.is_probe_step()):
+        if self._pending is not None or (deferring and self.is_probe_step()):
             try:
                 wrecked = self._wrecked_here(closure, loss_here)
             except BaseException:
@@ -669,24 +681,31 @@ class HiDLR(Optimizer):
 
     def _wrecked_here(self, closure: Closure | None, loss_here: Any) -> bool:
         """Under ``defer_probes``, at a probe step and at the step after one: whether the loss
-        at the current weights has blown up (``loss_here``, else the closure's: one forward
-        pass; neither: not checked), and if so the rollback. The probes see ``w0`` one step
-        late: by then the weights can have gone from a large finite loss to a non-finite one,
-        and the deferred step's own update, taken at rates the probes would have cut, can
-        be what wrecked them."""
+        at the current weights has blown up (:func:`hidlr.rates.blown_up`), and if so the
+        rollback. The probes see ``w0`` one step late: by then the weights can have gone from
+        a large finite loss to a non-finite one, and the deferred step's own update, taken at
+        rates the probes would have cut, can be what wrecked them. The loss is ``loss_here``
+        where the caller has it (LightningHiDLR: the training loss, at no cost), judged
+        against the earlier ones it gave (it may be another function than the closure's: a
+        regularised or summed loss); else the closure's (one forward pass), judged against
+        the probes' losses at ``w0``."""
         opts = self.options
         if opts["policy"] != "robust" or not opts["rollback"] or self._rollback is None:
             return False
         if loss_here is not None:
             loss, evaluations = _scalar_loss(loss_here).item(), 0
+            seen = self._here_losses
         elif callable(closure):
             loss, evaluations = self._loss_here(closure), 1
+            seen = self._recent_losses + ([] if self._first_loss is None else [self._first_loss])
         else:
             return False
-        seen = self._recent_losses + ([] if self._first_loss is None else [self._first_loss])
         if not blown_up(loss, seen):
+            if loss_here is not None:  # the first, then the last SPIKE_WINDOW
+                self._here_losses = seen[:1] + (seen[1:] + [loss])[-SPIKE_WINDOW:]
             return False
         self._roll_back(loss, evaluations, self._steps)
+        self._here_losses = self._here_losses[:1]
         return True
 
     def _defer_probe_step(self) -> None:

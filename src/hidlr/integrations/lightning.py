@@ -100,8 +100,9 @@ class LightningHiDLR(HiDLR):
                 "hidlr.integrations.lightning.HiDLRCallback() to the Trainer's callbacks and "
                 "define probe_loss(batch) on the LightningModule"
             )
-        # the training loss is the loss at the current weights, which the deferred probes'
-        # rollback checks for a blow-up at no cost (not a forward pass of its own)
+        # the training loss is at the current weights: a non-finite one is a blow-up that the
+        # deferred probes' rollback takes at no cost (its scale is the training step's, which
+        # need not be probe_loss's, so only the probe closure's losses are judged by size)
         here = loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
         self._hidlr_step(probe, here)  # (not super().step: the optimizer hooks would run twice)
         return loss
