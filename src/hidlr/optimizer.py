@@ -160,8 +160,9 @@ class HiDLR(Optimizer):
             The probe step itself then needs no closure, the step after it does
             (:meth:`needs_closure`); one passed at the probe step too lets the
             ``rollback`` check the loss there (one forward pass), as at the step after. The
-            new rates apply from that step on instead of to the probe step's own update, and the one extra copy of the trainable parameters is held
-            from the probe step to the next (it is part of :meth:`state_dict` meanwhile).
+            new rates apply from that step on instead of to the probe step's own update, and
+            the one extra copy of the trainable parameters is held from the probe step to the
+            next (it is part of :meth:`state_dict` meanwhile).
             Not with :class:`~hidlr.integrations.distributed.DistributedHiDLR`.
         on_own_batch: what to do when the closure evaluates the gradient's own batch (the
             first probe fits reproduce the slope the gradient itself gives along the step, and
