@@ -680,6 +680,11 @@ class HiDLR(Optimizer):
             except Exception as error:
                 self._own_batch_failed(error)
 
+    def _probe_losses_seen(self) -> list[float]:
+        """The losses at ``w0`` a blow-up is judged against: the recent probe steps' and the
+        first one's."""
+        return self._recent_losses + ([] if self._first_loss is None else [self._first_loss])
+
     def _wrecked_here(self, closure: Closure | None, loss_here: Any) -> bool:
         """Under ``defer_probes``, at a probe step and at the step after one: whether the loss
         at the current weights has blown up (:func:`hidlr.rates.blown_up`), and if so the
@@ -698,7 +703,7 @@ class HiDLR(Optimizer):
             seen = self._here_losses
         elif callable(closure):
             loss, evaluations = self._loss_here(closure), 1
-            seen = self._recent_losses + ([] if self._first_loss is None else [self._first_loss])
+            seen = self._probe_losses_seen()
         else:
             return False
         if not blown_up(loss, seen):
@@ -815,10 +820,7 @@ class HiDLR(Optimizer):
                         movers[l].move(-1.0)
             fit, measured, probed = self._fit(rows, values, rates, anchor)
             if robust and opts["rollback"] and measured is not None:
-                seen = self._recent_losses + (
-                    [] if self._first_loss is None else [self._first_loss]
-                )
-                if blown_up(measured, seen):
+                if blown_up(measured, self._probe_losses_seen()):
                     if self._rollback is not None:
                         raise _BlownUp(measured, len(values) + (anchor is not None))
                 else:
