@@ -19,6 +19,7 @@ __all__ = [
     "birds",
     "california_housing",
     "clothing_reviews",
+    "digits",
     "fashion_mnist",
     "movielens_100k",
     "protein_homology",
@@ -158,6 +159,16 @@ def protein_homology() -> dict[str, torch.Tensor]:
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_INSTALL = "apt-get install dataset-fashion-mnist (Debian's package of the idx files)"
+
+
+def digits() -> dict[str, torch.Tensor]:
+    """scikit-learn's 1,797 handwritten digits (8 x 8, float in [0, 1]) and their labels, as
+    the package ships them (``pip install scikit-learn``)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    return {"x": x, "y": torch.tensor(d.target, dtype=torch.long)}
 
 
 def _idx(path: Path) -> torch.Tensor:

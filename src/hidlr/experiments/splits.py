@@ -22,4 +22,5 @@ SPLITS = (
     "blind9",
     "blind10",
     "blind11",
+    "blind12",
 )

@@ -16,7 +16,8 @@ data that installs offline: California housing and clothing reviews from the
 session 14's change), ``split="blind7"`` (session 14; it judged session 15's),
 ``split="blind8"`` (session 15) and ``split="blind9"`` tasks (session 16, all under plain SGD,
 which the change then screened acts on) were each written and committed before any Hi-DLR run
-on them, their grids checked with constant-rate runs only.
+on them, their grids checked with constant-rate runs only. So were ``blind10`` to
+``blind12`` (sessions 17 to 19).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from hidlr.experiments.data import (
     adult_income,
     california_housing,
     clothing_reviews,
+    digits,
     fashion_mnist,
     movielens_100k,
     protein_homology,
@@ -1930,6 +1932,122 @@ def pinet_poly(seed: int) -> Problem:
     return Problem(model, by_depth(model), *_split(x, y, 800), _mse)
 
 
+# -- blind12 (session 19) ----------------------------------------------------------------------
+
+
+@functools.cache
+def _digits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    d = digits()
+    order = torch.randperm(d["x"].shape[0], generator=_gen(189))
+    return _split(d["x"][order], d["y"][order], 400)
+
+
+class _DigitsCNN(nn.Module):
+    """Two 3x3 convolutions with BatchNorm on 8 x 8 images, a max-pool, a linear head."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width))
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width)
+        )
+        self.head = nn.Linear(2 * width * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))
+        h = nn.functional.max_pool2d(torch.relu(self.conv2(h)), 2)
+        return self.head(h.flatten(1))
+
+
+def digits_cnn(seed: int) -> Problem:
+    train, val = _digits()
+    torch.manual_seed(seed)
+    model = _DigitsCNN()
+    groups = by_patterns(model, {"conv1": r"^conv1\.", "conv2": r"^conv2\."}, rest="head")
+    return Problem(model, groups, train, val, _ce)
+
+
+def weightnorm_mlp(seed: int) -> Problem:
+    g = _gen(190)
+    n, d = 5000, 6
+    x = torch.randn(n, d, generator=g)
+    y = (torch.sin(2 * x[:, 0]) * x[:, 1] + torch.relu(x[:, 2] - x[:, 3]) + 0.3 * x[:, 4] ** 2)[
+        :, None
+    ]
+    y = y + 0.1 * torch.randn(n, 1, generator=g)
+    torch.manual_seed(seed)
+    model = MLP([d, 64, 64, 1])
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear):
+            nn.utils.parametrizations.weight_norm(layer)
+    # the weights' norms (one per output unit) apart from their directions
+    groups = by_patterns(
+        model, {"magnitude": r"original0$", "direction": r"original1$"}, rest="biases"
+    )
+    return Problem(model, groups, *_split(x, y, 1000), _mse)
+
+
+class _PoissonPINN(nn.Module):
+    """A tanh MLP ``u(x)`` on [-1, 1] that returns ``u''`` at the batch's points, then ``u(-1)``
+    and ``u(1)``: the residual of the 1-D Poisson equation and its boundary values."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(1, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():  # the second derivative in x, also under no_grad
+            x = x.detach().requires_grad_(True)
+            u = self.net(x)
+            (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+            (d2u,) = torch.autograd.grad(du.sum(), x, create_graph=True)
+        edges = self.net(torch.tensor([[-1.0], [1.0]]))
+        return torch.cat([d2u, edges])
+
+
+def _pinn_loss(out: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """The mean squared residual ``u'' - f`` plus the squared boundary values."""
+    return (out[:-2] - f).pow(2).mean() + out[-2:].pow(2).mean()
+
+
+def pinn_poisson(seed: int) -> Problem:
+    # u'' = f on [-1, 1] with u(+-1) = 0, where u = sin(pi x) + 0.3 sin(4 pi x) exactly
+    g = _gen(191)
+    x = 2 * torch.rand(4000, 1, generator=g) - 1
+    pi = math.pi
+    f = -(pi**2) * torch.sin(pi * x) - 0.3 * (4 * pi) ** 2 * torch.sin(4 * pi * x)
+    torch.manual_seed(seed)
+    model = _PoissonPINN()
+    return Problem(model, by_depth(model), *_split(x, f, 800), _pinn_loss)
+
+
+class _GRUClassifier(nn.Module):
+    def __init__(self, vocab: int, k: int, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 16)
+        self.gru = nn.GRU(16, width, batch_first=True)
+        self.head = nn.Linear(width, k)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        _, h = self.gru(self.embed(tokens))
+        return self.head(h[-1])
+
+
+def gru_majority(seed: int) -> Problem:
+    g = _gen(192)
+    n, length, vocab = 12000, 24, 6
+    tokens = torch.randint(0, vocab, (n, length), generator=g)
+    # which of tokens 0, 1, 2 occurs most often (ties to the lower), the others are distractors
+    counts = torch.stack([(tokens == t).sum(dim=1) for t in range(3)], dim=1)
+    y = counts.argmax(dim=1)
+    torch.manual_seed(seed)
+    model = _GRUClassifier(vocab, 3)
+    groups = by_patterns(model, {"embedding": r"^embed\.", "gru": r"^gru\."}, rest="head")
+    return Problem(model, groups, *_split(tokens, y, 2000), _ce)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -2676,6 +2794,51 @@ TASKS: dict[str, Task] = {
             "blind11",
             "per-layer",
             pinet_poly,
+        ),
+        Task(
+            "digits_cnn",
+            "classification",
+            "momentum",
+            16,
+            600,
+            grid_3_per_decade(-3),
+            "blind12",
+            "per-layer",
+            digits_cnn,
+            _digits,
+        ),
+        Task(
+            "weightnorm_mlp",
+            "regression",
+            "sgd",
+            64,
+            600,
+            grid_3_per_decade(-2),
+            "blind12",
+            "magnitude/direction",
+            weightnorm_mlp,
+        ),
+        Task(
+            "pinn_poisson",
+            "regression",
+            "adam",
+            128,
+            500,
+            grid_3_per_decade(-3),
+            "blind12",
+            "per-layer",
+            pinn_poisson,
+        ),
+        Task(
+            "gru_majority",
+            "classification",
+            "adamw",
+            512,
+            300,
+            grid_3_per_decade(-3),
+            "blind12",
+            "per-role",
+            gru_majority,
         ),
     ]
 }
