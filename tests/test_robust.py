@@ -1154,3 +1154,32 @@ def test_a_deferred_update_that_wrecks_the_weights_is_rolled_back_at_the_step_af
                 torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
             assert not opt.needs_closure()  # probe step 12's probes were dropped
     assert total() < 0.05 * start
+
+
+def test_a_noisy_groups_bound_is_symmetric_about_its_own_rate_under_a_coupling_factor():
+    from hidlr.rates import WARMUP_UPDATES, diagonal_rates
+
+    # two coupled groups: each runs at 0.2 of its diagonal rate (the coupling factor), so the
+    # probes reach 2 * 0.2 = 0.4 of it; a noisy proposal equal to the diagonal rate itself
+    # (its steady state) keeps it, where bounding it by the probes' reach cut it every time
+    n = WARMUP_UPDATES
+    kw = {"smoothing": 0.9, "probe_reach": 0.4, "noisy": True, "reach": 2.0}
+    assert robust_rate(1.0, n, accepted(1.0), 1.0, 1.0, **kw).rate == pytest.approx(1.0)
+    assert robust_rate(1.0, n, accepted(100.0), 1.0, 0.01, **kw).rate == pytest.approx(2.0**0.1)
+    assert robust_rate(1.0, n, accepted(0.01), 1.0, 100.0, **kw).rate == pytest.approx(0.5**0.1)
+    fit = QuadraticFit(1.0, (1.0, 1.0), ((1.0, 0.0), (0.0, 1.0)), (0.99, 0.99), False, (1.0, 1.0))
+    diag, counts, actions = diagonal_rates(
+        fit,
+        [accepted(1.0), accepted(1.0)],
+        [0, 1],
+        [0.2, 0.2],  # the rates the probes were placed at
+        [1.0, 1.0],
+        [n, n],
+        policy="robust",
+        smoothing=0.9,
+        reach=2.0,
+        max_rate_change=None,
+        noisy=[True, False],
+    )
+    assert diag == pytest.approx([1.0, 1.0]) and actions == ["update", "update"]
+    assert counts == [n + 1, n + 1]

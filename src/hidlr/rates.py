@@ -102,6 +102,7 @@ def robust_rate(
     shrink: float = 0.5,
     rising: bool = False,
     noisy: bool = False,
+    reach: float | None = None,
 ) -> RobustStep:
     """Hi-DLR's rate update with safeguards for what the fit cannot answer.
 
@@ -138,8 +139,15 @@ def robust_rate(
     - probes that blow up (a non-finite loss) shrink the rate by ``shrink`` at once;
     - while the group is ``noisy`` (its probes descend on fewer than ``NOISE_GATE`` of its
       probe steps, :func:`track_descent`), an accepted proposal after the warm-up counts as
-      no more than ``probe_reach`` (the farthest probe) and no less than the rate divided by
-      the probes' reach, and growth without a fit is suspended (``"keep"``). There the
+      no more than ``reach`` times the rate and no less than the rate divided by ``reach``
+      (the largest probe multiplier; by default ``probe_reach / rate``, which is the same
+      where the probes were placed at ``rate`` itself), and growth without a fit is
+      suspended (``"keep"``). The bound is about ``rate``, the group's own (diagonal) rate,
+      not about where the probes were placed: with two or more groups those sit at the
+      coupling factor times it, and a bound at the farthest probe then lay below the rate
+      whenever that factor was under ``1 / reach``, so that every accepted proposal cut it
+      (session 19: seven residual blocks at a factor of 0.19 had their rates fall 200x
+      while their fits proposed 20-100x). There the
       slope's sign is mostly noise, and a minimiser far past the probes is an extrapolation
       of noise: on MovieLens under momentum SGD, half the probe steps ascended while the
       accepted fits proposed 10-500x the rate, and the rate drifted up until the loss blew
@@ -158,7 +166,8 @@ def robust_rate(
             return RobustStep(min(decision.proposed, WARMUP_GROWTH * rate), n_updates + 1, "update")
         proposed = decision.proposed
         if noisy:  # no further from the rate than the probes reach, on either side
-            proposed = min(max(proposed, rate * rate / probe_reach), probe_reach)
+            span = probe_reach / rate if reach is None else reach
+            proposed = min(max(proposed, rate / span), rate * span)
         new = smooth_rate(rate, proposed, smoothing=smoothing, max_change=growth, space="log")
         return RobustStep(new, n_updates + 1, "update")
     if decision.reason == "poor_fit" and a > 0 and b > 0 and b / a < rate:
@@ -224,6 +233,7 @@ def diagonal_rates(
                 resolved=not fit.spread[k] < 1e-5 * abs(fit.intercept),
                 rising=rising,
                 noisy=noisy is not None and noisy[k],
+                reach=reach,
             )
             diag[k], counts[k], actions[k] = out.rate, out.n_updates, out.action
         elif dec.accepted:
