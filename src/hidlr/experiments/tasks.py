@@ -190,12 +190,20 @@ def bars_cnn(seed: int) -> Problem:
     return Problem(model, groups, *_split(img, cls, 400), _ce)
 
 
-def tokens_transformer(seed: int) -> Problem:
-    g = _gen(104)
-    n, length, vocab = 3000, 16, 12
+def _most_frequent(
+    g: torch.Generator, n: int, length: int, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random token sequences and which of tokens 0, 1 and 2 occurs most often in each
+    (ties to the lower); the other tokens are distractors."""
     tokens = torch.randint(0, vocab, (n, length), generator=g)
     counts = torch.stack([(tokens == v).sum(dim=1) for v in range(3)], dim=1)
-    label = counts.argmax(dim=1)
+    return tokens, counts.argmax(dim=1)
+
+
+def tokens_transformer(seed: int) -> Problem:
+    g = _gen(104)
+    n, vocab = 3000, 12
+    tokens, label = _most_frequent(g, n, 16, vocab)
     flip = torch.rand(n, generator=g) < 0.1
     label = torch.where(flip, torch.randint(0, 3, (n,), generator=g), label)
     torch.manual_seed(seed)
@@ -2036,14 +2044,10 @@ class _GRUClassifier(nn.Module):
 
 
 def gru_majority(seed: int) -> Problem:
-    g = _gen(192)
-    n, length, vocab = 12000, 24, 6
-    tokens = torch.randint(0, vocab, (n, length), generator=g)
-    # which of tokens 0, 1, 2 occurs most often (ties to the lower), the others are distractors
-    counts = torch.stack([(tokens == t).sum(dim=1) for t in range(3)], dim=1)
-    y = counts.argmax(dim=1)
+    # tokens_transformer's task, longer, with fewer distractors and no label noise
+    tokens, y = _most_frequent(_gen(192), 12000, 24, 6)
     torch.manual_seed(seed)
-    model = _GRUClassifier(vocab, 3)
+    model = _GRUClassifier(6, 3)
     groups = by_patterns(model, {"embedding": r"^embed\.", "gru": r"^gru\."}, rest="head")
     return Problem(model, groups, *_split(tokens, y, 2000), _ce)
 
