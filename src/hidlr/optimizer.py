@@ -131,8 +131,8 @@ class HiDLR(Optimizer):
             and climbs by up to x1.5 per update. It grows a rate whose probes cannot resolve
             curvature (not while the loss rises), counts probes that ascend as a proposal of
             half the rate, halves it when they blow up, and for a group whose probes descend
-            on fewer than 70% of its probe steps (noise-dominated) takes no proposal past the
-            farthest probe and no growth without a fit. It measures the loss at ``w0`` (one
+            on fewer than 70% of its probe steps (noise-dominated) takes no proposal further from
+            its own rate than the largest probe multiplier, and no growth without a fit. It measures the loss at ``w0`` (one
             more forward pass) and cuts the rates when that loss spikes (4x its recent floor,
             or 4x the last probe step's): 10x for the groups whose fit says their step is over
             twice too long, and for the others 10x where the loss is back at the first probe
