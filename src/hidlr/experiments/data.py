@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "adult_income",
     "birds",
+    "breast_cancer",
     "california_housing",
     "clothing_reviews",
     "digits",
@@ -159,6 +160,16 @@ def protein_homology() -> dict[str, torch.Tensor]:
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_INSTALL = "apt-get install dataset-fashion-mnist (Debian's package of the idx files)"
+
+
+def breast_cancer() -> dict[str, torch.Tensor]:
+    """scikit-learn's 569 breast tumours (30 measurements of the cell nuclei) and whether each
+    is malignant (0) or benign (1), as the package ships them (``pip install scikit-learn``)."""
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    return {"x": x, "y": torch.tensor(d.target, dtype=torch.long)}
 
 
 def digits() -> dict[str, torch.Tensor]:

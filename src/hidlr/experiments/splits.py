@@ -23,4 +23,5 @@ SPLITS = (
     "blind10",
     "blind11",
     "blind12",
+    "blind13",
 )

@@ -17,7 +17,7 @@ session 14's change), ``split="blind7"`` (session 14; it judged session 15's),
 ``split="blind8"`` (session 15) and ``split="blind9"`` tasks (session 16, all under plain SGD,
 which the change then screened acts on) were each written and committed before any Hi-DLR run
 on them, their grids checked with constant-rate runs only. So were ``blind10`` to
-``blind12`` (sessions 17 to 19).
+``blind13`` (sessions 17 to 20).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from torch import nn
 
 from hidlr.experiments.data import (
     adult_income,
+    breast_cancer,
     california_housing,
     clothing_reviews,
     digits,
@@ -2052,6 +2053,175 @@ def gru_majority(seed: int) -> Problem:
     return Problem(model, groups, *_split(tokens, y, 2000), _ce)
 
 
+# -- blind13 (session 20) ----------------------------------------------------------------------
+
+
+@functools.cache
+def _breast_cancer() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    d = breast_cancer()
+    order = torch.randperm(d["x"].shape[0], generator=_gen(193))
+    (x, y), (x_val, y_val) = _split(d["x"][order], d["y"][order], 169)
+    x, x_val = standardize(x, x_val)
+    return (x, y), (x_val, y_val)
+
+
+def breast_cancer_mlp(seed: int) -> Problem:
+    train, val = _breast_cancer()
+    torch.manual_seed(seed)
+    model = MLP([30, 32, 32, 2])
+    return Problem(model, by_depth(model), train, val, _ce)
+
+
+class _AffineCoupling(nn.Module):
+    """RealNVP's affine coupling on 2-D points: the kept coordinate sets a log-scale
+    (tanh-bounded) and a shift of the other; returns the points and the log-determinant."""
+
+    def __init__(self, keep: int, width: int = 32) -> None:
+        super().__init__()
+        self.keep = keep
+        self.net = nn.Sequential(
+            nn.Linear(1, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2)
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kept, other = x[:, self.keep : self.keep + 1], x[:, 1 - self.keep : 2 - self.keep]
+        log_scale, shift = self.net(kept).chunk(2, dim=1)
+        log_scale = torch.tanh(log_scale)
+        other = other * torch.exp(log_scale) + shift
+        pair = (kept, other) if self.keep == 0 else (other, kept)
+        return torch.cat(pair, dim=1), log_scale[:, 0]
+
+
+class _RealNVP(nn.Module):
+    """Affine couplings that alternate the kept coordinate; returns the latent point and the
+    summed log-determinant as a third column."""
+
+    def __init__(self, layers: int = 8) -> None:
+        super().__init__()
+        self.couplings = nn.ModuleList(_AffineCoupling(i % 2) for i in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_det = x.new_zeros(x.shape[0])
+        for coupling in self.couplings:
+            x, step = coupling(x)
+            log_det = log_det + step
+        return torch.cat([x, log_det[:, None]], dim=1)
+
+
+def _flow_nll(out: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+    """The negative log-likelihood (nats per point) under a standard normal latent."""
+    z, log_det = out[:, :2], out[:, 2]
+    return (0.5 * z.pow(2).sum(dim=1) + math.log(2 * math.pi) - log_det).mean()
+
+
+def realnvp_moons(seed: int) -> Problem:
+    # two interleaved half-circles with noise, standardised: a density to fit, no labels
+    g = _gen(194)
+    n = 6000
+    t = torch.rand(n, generator=g) * math.pi
+    upper = torch.rand(n, generator=g) < 0.5
+    x = torch.where(
+        upper[:, None],
+        torch.stack([torch.cos(t), torch.sin(t)], dim=1),
+        torch.stack([1 - torch.cos(t), 0.5 - torch.sin(t)], dim=1),
+    )
+    x = x + 0.08 * torch.randn(n, 2, generator=g)
+    x = (x - x.mean(dim=0)) / x.std(dim=0)
+    torch.manual_seed(seed)
+    model = _RealNVP()
+    return Problem(model, by_depth(model), *_split(x, x, 1000), _flow_nll)
+
+
+class _DistMult(nn.Module):
+    """DistMult link scores ``sum(e_h * w_r * e_t)`` for each row's (head, relation) against
+    its true tail and its negative tails (columns 2 onwards)."""
+
+    def __init__(self, entities: int, relations: int, dim: int = 32) -> None:
+        super().__init__()
+        self.entity = nn.Embedding(entities, dim)
+        self.relation = nn.Embedding(relations, dim)
+        nn.init.normal_(self.entity.weight, std=0.5)
+        nn.init.normal_(self.relation.weight, std=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query = self.entity(x[:, 0]) * self.relation(x[:, 1])
+        return (query[:, None, :] * self.entity(x[:, 2:])).sum(dim=-1)
+
+
+def distmult_links(seed: int) -> Problem:
+    # entities fall into clusters; each relation pairs the clusters off (an involution, which
+    # DistMult's symmetric scores can express) and links a head to a random member of its
+    # cluster's partner; every triple comes with fixed random negative tails
+    g = _gen(195)
+    n, entities, relations, clusters, negatives = 12000, 300, 6, 10, 4
+    cluster = torch.randperm(entities, generator=g) % clusters
+    partner = torch.empty(relations, clusters, dtype=torch.long)
+    for r in range(relations):
+        p = torch.randperm(clusters, generator=g)
+        partner[r, p[0::2]], partner[r, p[1::2]] = p[1::2], p[0::2]
+    members = torch.argsort(cluster)  # entities, cluster by cluster
+    size = torch.bincount(cluster, minlength=clusters)
+    start = torch.cumsum(size, 0) - size
+    head = torch.randint(0, entities, (n,), generator=g)
+    rel = torch.randint(0, relations, (n,), generator=g)
+    target = partner[rel, cluster[head]]
+    pick = (torch.rand(n, generator=g) * size[target]).long()
+    tail = members[start[target] + pick]
+    neg = torch.randint(0, entities, (n, negatives), generator=g)
+    x = torch.cat([head[:, None], rel[:, None], tail[:, None], neg], dim=1)
+    y = torch.zeros(n, 1 + negatives)
+    y[:, 0] = 1.0
+    torch.manual_seed(seed)
+    model = _DistMult(entities, relations)
+    groups = by_patterns(model, {"entities": r"^entity\.", "relations": r"^relation\."})
+    return Problem(model, groups, *_split(x, y, 2000), _bce)
+
+
+class _SeqTransformer(nn.Module):
+    """Token and position embeddings, pre-norm transformer encoder layers, a final norm and a
+    linear head at every position."""
+
+    def __init__(self, vocab: int, length: int, d_model: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.randn(length, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            d_model,
+            2,
+            dim_feedforward=2 * d_model,
+            dropout=0.0,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        return self.head(self.norm(self.encoder(h)))
+
+
+def sort_transformer(seed: int) -> Problem:
+    # each position's target is the token that the sorted sequence holds there
+    g = _gen(196)
+    n, length, vocab = 8000, 10, 10
+    tokens = torch.randint(0, vocab, (n, length), generator=g)
+    torch.manual_seed(seed)
+    model = _SeqTransformer(vocab, length)
+    groups = by_patterns(
+        model,
+        {
+            "embedding": r"^(embed\.weight|pos)$",
+            "attention": r"\.self_attn\.",
+            "feedforward": r"\.linear[12]\.",
+            "norm": _of_type(model, nn.LayerNorm),
+            "head": r"^head\.",
+        },
+    )
+    return Problem(model, groups, *_split(tokens, tokens.sort(dim=1).values, 1000), _next_token_ce)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -2843,6 +3013,51 @@ TASKS: dict[str, Task] = {
             "blind12",
             "per-role",
             gru_majority,
+        ),
+        Task(
+            "breast_cancer_mlp",
+            "classification",
+            "momentum",
+            16,
+            400,
+            grid_3_per_decade(-3),
+            "blind13",
+            "per-layer",
+            breast_cancer_mlp,
+            _breast_cancer,
+        ),
+        Task(
+            "realnvp_moons",
+            "regression",
+            "adam",
+            256,
+            400,
+            grid_3_per_decade(-4),
+            "blind13",
+            "per-layer",
+            realnvp_moons,
+        ),
+        Task(
+            "distmult_links",
+            "classification",
+            "sgd",
+            128,
+            500,
+            grid_3_per_decade(0),
+            "blind13",
+            "entities/relations",
+            distmult_links,
+        ),
+        Task(
+            "sort_transformer",
+            "classification",
+            "adamw",
+            64,
+            400,
+            grid_3_per_decade(-4),
+            "blind13",
+            "per-role",
+            sort_transformer,
         ),
     ]
 }
