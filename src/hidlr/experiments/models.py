@@ -129,7 +129,8 @@ class SmallCNN(nn.Module):
 
 
 class TokenTransformer(nn.Module):
-    """Embedding, a pre-norm transformer encoder, mean pooling and a linear head."""
+    """Embedding, a pre-norm transformer encoder, a final norm and a linear head on the mean
+    over positions (``pool=True``) or at every position."""
 
     def __init__(
         self,
@@ -139,8 +140,10 @@ class TokenTransformer(nn.Module):
         heads: int = 2,
         layers: int = 1,
         max_len: int = 64,
+        pool: bool = True,
     ) -> None:
         super().__init__()
+        self.pool = pool
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
         layer = nn.TransformerEncoderLayer(
@@ -157,4 +160,5 @@ class TokenTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens) + self.pos[: tokens.shape[1]]
-        return self.head(self.norm(self.encoder(h)).mean(dim=1))
+        h = self.norm(self.encoder(h))
+        return self.head(h.mean(dim=1) if self.pool else h)

@@ -201,15 +201,10 @@ def _most_frequent(
     return tokens, counts.argmax(dim=1)
 
 
-def tokens_transformer(seed: int) -> Problem:
-    g = _gen(104)
-    n, vocab = 3000, 12
-    tokens, label = _most_frequent(g, n, 16, vocab)
-    flip = torch.rand(n, generator=g) < 0.1
-    label = torch.where(flip, torch.randint(0, 3, (n,), generator=g), label)
-    torch.manual_seed(seed)
-    model = TokenTransformer(vocab, 3)
-    groups = by_patterns(
+def _transformer_roles(model: TokenTransformer) -> list[dict[str, Any]]:
+    """A :class:`TokenTransformer`'s parameters by role: embedding, attention, feed-forward,
+    norms, head."""
+    return by_patterns(
         model,
         {
             "embedding": r"^(embed\.weight|pos)$",
@@ -219,6 +214,17 @@ def tokens_transformer(seed: int) -> Problem:
             "head": r"^head\.",
         },
     )
+
+
+def tokens_transformer(seed: int) -> Problem:
+    g = _gen(104)
+    n, vocab = 3000, 12
+    tokens, label = _most_frequent(g, n, 16, vocab)
+    flip = torch.rand(n, generator=g) < 0.1
+    label = torch.where(flip, torch.randint(0, 3, (n,), generator=g), label)
+    torch.manual_seed(seed)
+    model = TokenTransformer(vocab, 3)
+    groups = _transformer_roles(model)
     return Problem(model, groups, *_split(tokens, label, 600), _ce)
 
 
@@ -2177,48 +2183,14 @@ def distmult_links(seed: int) -> Problem:
     return Problem(model, groups, *_split(x, y, 2000), _bce)
 
 
-class _SeqTransformer(nn.Module):
-    """Token and position embeddings, pre-norm transformer encoder layers, a final norm and a
-    linear head at every position."""
-
-    def __init__(self, vocab: int, length: int, d_model: int = 32, layers: int = 2) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d_model)
-        self.pos = nn.Parameter(torch.randn(length, d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            d_model,
-            2,
-            dim_feedforward=2 * d_model,
-            dropout=0.0,
-            batch_first=True,
-            norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
-        return self.head(self.norm(self.encoder(h)))
-
-
 def sort_transformer(seed: int) -> Problem:
     # each position's target is the token that the sorted sequence holds there
     g = _gen(196)
     n, length, vocab = 8000, 10, 10
     tokens = torch.randint(0, vocab, (n, length), generator=g)
     torch.manual_seed(seed)
-    model = _SeqTransformer(vocab, length)
-    groups = by_patterns(
-        model,
-        {
-            "embedding": r"^(embed\.weight|pos)$",
-            "attention": r"\.self_attn\.",
-            "feedforward": r"\.linear[12]\.",
-            "norm": _of_type(model, nn.LayerNorm),
-            "head": r"^head\.",
-        },
-    )
+    model = TokenTransformer(vocab, vocab, layers=2, max_len=length, pool=False)
+    groups = _transformer_roles(model)
     return Problem(model, groups, *_split(tokens, tokens.sort(dim=1).values, 1000), _next_token_ce)
 
 
