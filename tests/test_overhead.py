@@ -132,8 +132,10 @@ def test_memory_extra_of_a_probe_step_is_the_snapshot():
 
     scratch = min(128 * 128, STEP_DOT_CHUNK) * 4
     assert params <= m["opt_step_extra_probe"] <= params + scratch + 16 * 1024
-    assert m["opt_step_extra_plain"] == 0
-    assert m["step_extra_plain"] == 0
+    # a plain step holds only the gradient watch's norms: one float32 scalar per parameter
+    # tensor, their stack and the total
+    watch = 2 * 4 * len(list(model.parameters())) + 4
+    assert 0 < m["opt_step_extra_plain"] <= watch + 16 and m["step_extra_plain"] <= watch + 16
     assert m["retained_extra_probe"] == m["retained_extra_plain"] == 0
 
 

@@ -999,8 +999,9 @@ def test_the_spike_rule_and_the_joint_check_judge_by_the_measured_loss_not_the_f
 def test_rates_whose_own_step_spikes_the_loss_are_cut_before_they_diverge(cut, monkeypatch):
     import hidlr.optimizer
 
-    if not cut:
+    if not cut:  # (nor the gradient watch, which would roll it back: the test below)
         monkeypatch.setattr(hidlr.optimizer, "overshoot", lambda *_: 1.0)
+        monkeypatch.setattr(hidlr.optimizer, "gradient_blew_up", lambda *_: False)
     opt, loss, batches, everything = _poisson_two_scales()
     losses = []
     for i in range(40):
@@ -1020,6 +1021,42 @@ def test_rates_whose_own_step_spikes_the_loss_are_cut_before_they_diverge(cut, m
         assert max(r.groups[1].lr_after for r in opt.history) <= ceiling
     else:  # (within the first probe interval)
         assert not math.isfinite(losses[-1]) and len(losses) <= 4
+
+
+def test_a_gradient_that_blows_up_between_probe_steps_rolls_back_before_the_loss_is_lost(
+    monkeypatch,
+):
+    import hidlr.optimizer
+
+    # the same run without the overshoot cut: its loss turns non-finite within the first probe
+    # interval (the test above); the gradient norm sees the blow-up on its way, steps before
+    monkeypatch.setattr(hidlr.optimizer, "overshoot", lambda *_: 1.0)
+    opt, loss, batches, _ = _poisson_two_scales()
+    w0 = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    for i in range(40):
+        opt.zero_grad()
+        value = loss(batches[i])
+        assert math.isfinite(value.item())
+        value.backward()
+        opt.step(lambda i=i: loss(batches[i + 1]))
+        if any(g.action == "rollback" for r in opt.history for g in r.groups):
+            break
+    record = opt.history[-1]
+    assert {g.action for g in record.groups} == {"rollback"} and 0 < record.step < 4
+    assert math.isnan(record.loss)  # no loss was measured: the gradient's norm decided
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p, q in zip(params, w0, strict=True):  # the first probe step's w0, up to rounding
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+    assert all(g.lr_after == pytest.approx(0.1 * g.lr_before) for g in record.groups)
+    assert all(not opt.optimizer.state.get(p) for p in params)  # the optimizer state is gone
+
+
+def test_a_gradient_blows_up_at_a_hundred_times_the_largest_norm_at_a_probe_step():
+    from hidlr.rates import gradient_blew_up
+
+    assert gradient_blew_up(float("nan"), 0.0) and gradient_blew_up(float("inf"), 1.0)
+    assert not gradient_blew_up(1e12, 0.0)  # no probe step yet: nothing to judge by
+    assert not gradient_blew_up(100.0, 1.0) and gradient_blew_up(100.5, 1.0)
 
 
 def test_a_blown_up_loss_is_ten_loss_scales_above_the_losses_seen():
@@ -1061,10 +1098,10 @@ def test_weights_that_blow_up_between_probe_steps_go_back_to_the_last_probe_step
         opt.zero_grad()
         loss(i).backward()
         opt.step(lambda i=i: loss(i + 1))
-        if i == 9:  # a step that wrecks the weights (as a huge gradient on one batch would)
-            with torch.no_grad():
-                model.weight.mul_(1e4)
-        if i == 12 and rollback:  # the next probe step finds the loss blown up
+        if i == 11:  # a step that wrecks the weights (as a huge gradient on one batch would)
+            with torch.no_grad():  # (just before a probe step: earlier, the gradient watch
+                model.weight.mul_(1e4)  # would roll back first, at the next step)
+        if i == 12 and rollback:  # the probe step finds the loss blown up
             record = opt.history[-1]
             assert record.step == 12 and {g.action for g in record.groups} == {"rollback"}
             for p, q in zip(model.parameters(), kept, strict=True):  # (w0 up to rounding)
@@ -1120,9 +1157,9 @@ def test_deferred_probes_roll_back_too_and_skip_the_wrecked_gradient(gate):
         opt.zero_grad()
         loss(i).backward()
         opt.step((lambda i=i: loss(i)) if opt.needs_closure() or not gate else None)
-        if i == 10:  # wrecked after the probes of step 8 were resolved at step 9
-            with torch.no_grad():
-                model.weight.mul_(1e4)
+        if i == 11:  # wrecked after the probes of step 8 were resolved at step 9, right
+            with torch.no_grad():  # before probe step 12 (earlier, the gradient watch would
+                model.weight.mul_(1e4)  # roll back first, at the next step)
         if i == found:
             record = opt.history[-1]
             assert record.step == found and {g.action for g in record.groups} == {"rollback"}

@@ -59,6 +59,7 @@ from hidlr.rates import (
     blown_up,
     coupling_ratio,
     diagonal_rates,
+    gradient_blew_up,
     log_average,
     overshoot,
     rising,
@@ -175,7 +176,12 @@ class HiDLR(Optimizer):
             of the earlier probe steps: :func:`hidlr.rates.blown_up`), with the base
             optimizer's state for those parameters cleared (momentum and moment estimates
             gathered on the wrecked weights) and every rate cut 10x, never again to exceed the
-            rate it had. Costs one copy of the trainable parameters, held throughout. With
+            rate it had. Between probe steps, where no loss is measured, a step whose gradient
+            norm has blown up (not finite, or 100x the largest at a probe step so far:
+            :func:`hidlr.rates.gradient_blew_up`) rolls back the same way and takes no update;
+            that costs one norm over the gradients per step (on an accelerator, one
+            synchronisation) and is off for sharded parameters. Costs one copy of the
+            trainable parameters, held throughout. With
             ``defer_probes`` the step that finds the blow-up takes no update of its own (its
             gradient was taken at the wrecked weights); the loss at the current weights is
             checked at the probe step (when it is given a closure) and at the step after (one
@@ -274,6 +280,8 @@ class HiDLR(Optimizer):
         # the caller's losses at the deferred probes' blow-up checks (loss_here): the first, then
         # the recent ones; judged against each other, as they need not be the closure's function
         self._here_losses: list[float] = []
+        # the largest gradient norm seen at a probe step, that a step's is judged against
+        self._largest_gradient = 0.0
         # of the first probe fits compared with the gradient's own slope, how many reproduced
         # it (a closure on the gradient's own batch is acted on once) and how many in all
         self._own_batch: tuple[int, int] = (0, 0)
@@ -332,6 +340,7 @@ class HiDLR(Optimizer):
         self.__dict__.setdefault("_first_loss", None)  # (pickled before it was kept)
         self.__dict__.setdefault("_rollback", None)
         self.__dict__.setdefault("_here_losses", [])
+        self.__dict__.setdefault("_largest_gradient", 0.0)
         for name in HOOKS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
@@ -376,6 +385,7 @@ class HiDLR(Optimizer):
                 "recent_losses": list(self._recent_losses),
                 "first_loss": self._first_loss,
                 "here_losses": list(self._here_losses),
+                "largest_gradient": self._largest_gradient,
                 "own_batch": list(self._own_batch),
                 "own_batch_outcome": self._own_batch_outcome,
                 "options": dict(self.options),
@@ -419,6 +429,8 @@ class HiDLR(Optimizer):
         first = saved.get("first_loss")
         self._first_loss = None if first is None else float(first)
         self._here_losses = [float(v) for v in saved.get("here_losses", [])]
+        # (a checkpoint from before it was kept: the next probe step's norm sets it)
+        self._largest_gradient = float(saved.get("largest_gradient", 0.0))
         agreed, compared = saved.get("own_batch", (0, 0))
         self._own_batch = (int(agreed), int(compared))
         self._own_batch_closure, self._confirm_next = None, False
@@ -612,7 +624,11 @@ class HiDLR(Optimizer):
             # rolled back: this step's gradient was taken at the wrecked weights, so no update
             self._steps += 1
             return None
-        if not self.is_probe_step():
+        probing = self.is_probe_step()
+        if self._gradient_blew_up(probing):
+            self._steps += 1  # rolled back: no update on a gradient taken at wrecked weights
+            return None
+        if not probing:
             self._base_step()
             self._steps += 1
             return None
@@ -621,6 +637,34 @@ class HiDLR(Optimizer):
             return None
         self._probe_step(closure)  # type: ignore[arg-type]
         return None
+
+    def _gradient_blew_up(self, probing: bool) -> bool:
+        """Under the robust policy with ``rollback``: the gradient norm of this step (one norm
+        over the gradients; on an accelerator, one synchronisation). At a probe step it only
+        raises the largest seen; between probe steps, a norm that has blown up
+        (:func:`hidlr.rates.gradient_blew_up`) rolls back to the last probe step's weights, and
+        the step takes no update. Not for sharded parameters, whose norms need a reduction."""
+        opts = self.options
+        if opts["policy"] != "robust" or not opts["rollback"] or self._sharded_parameters:
+            return False
+        grads = [
+            p.grad
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None and not p.grad.is_sparse
+        ]
+        if not grads:
+            return False
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
+        blew_up = gradient_blew_up(norm, self._largest_gradient)
+        if probing:  # (a probe step measures the loss itself; a blown-up norm is no reference)
+            if not blew_up:
+                self._largest_gradient = max(self._largest_gradient, norm)
+            return False
+        if self._rollback is None or not blew_up:
+            return False
+        self._roll_back(math.nan, 0, self._steps, gradient=norm)
+        return True
 
     def _snapshot_and_step(self) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
         """The base step, with a copy of the weights before it (``w0``) of the parameters it
@@ -1065,8 +1109,11 @@ class HiDLR(Optimizer):
             for copy, p in zip(kept[1], params, strict=True):  # (DTensors have no _foreach_copy_)
                 copy.copy_(p)
 
-    def _roll_back(self, loss: float, evaluations: int, step: int | None = None) -> None:
-        """Return to the kept ``w0`` after a blown-up loss; see ``rollback``."""
+    def _roll_back(
+        self, loss: float, evaluations: int, step: int | None = None, gradient: float | None = None
+    ) -> None:
+        """Return to the kept ``w0`` after a blown-up loss (or, given ``gradient``, a blown-up
+        gradient norm between probe steps); see ``rollback``."""
         assert self._rollback is not None
         params, copies = self._rollback
         for p, copy in zip(params, copies, strict=True):
@@ -1103,9 +1150,10 @@ class HiDLR(Optimizer):
             )
         )
         logger.warning(
-            "hidlr: the loss blew up (%.3g) at step %d; back to the weights of the last probe "
+            "hidlr: the %s blew up (%.3g) at step %d; back to the weights of the last probe "
             "step, rates cut 10x",
-            loss,
+            "loss" if gradient is None else "gradient norm",
+            loss if gradient is None else gradient,
             self._steps - 1 if step is None else step,
         )
 
