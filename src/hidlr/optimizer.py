@@ -647,6 +647,8 @@ class HiDLR(Optimizer):
         opts = self.options
         if opts["policy"] != "robust" or not opts["rollback"] or self._sharded_parameters:
             return False
+        if not probing and self._rollback is None:  # (nothing to go back to yet: no norm)
+            return False
         grads = [
             p.grad
             for g in self.param_groups
@@ -661,7 +663,7 @@ class HiDLR(Optimizer):
             if not blew_up:
                 self._largest_gradient = max(self._largest_gradient, norm)
             return False
-        if self._rollback is None or not blew_up:
+        if not blew_up:
             return False
         self._roll_back(math.nan, 0, self._steps, gradient=norm)
         return True
