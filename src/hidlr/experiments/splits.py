@@ -24,4 +24,5 @@ SPLITS = (
     "blind11",
     "blind12",
     "blind13",
+    "blind14",
 )
