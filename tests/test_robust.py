@@ -908,6 +908,68 @@ def test_a_noisy_group_takes_no_proposal_beyond_its_probes_and_does_not_grow_bli
     assert up * down == pytest.approx(1.0)  # a capped rise and an ascent balance exactly
 
 
+def test_the_starting_plateau_is_judged_by_the_progress_from_the_first_loss():
+    from hidlr.rates import PLATEAU_PROGRESS, on_plateau
+
+    assert PLATEAU_PROGRESS == 0.05
+    assert on_plateau(0.96, 1.0) and not on_plateau(0.94, 1.0)
+    assert on_plateau(3.0, 1.0)  # above the first loss: no progress at all
+    assert on_plateau(-1.04, -1.0) and not on_plateau(-1.06, -1.0)  # the scale is |first|
+    assert not on_plateau(1.0, None)  # no first loss yet
+    assert not on_plateau(float("nan"), 1.0) and not on_plateau(float("inf"), 1.0)
+
+
+def test_a_noisy_group_grows_without_a_fit_only_on_the_starting_plateau():
+    from hidlr.rates import WARMUP_UPDATES
+
+    kw = {"smoothing": 0.9, "probe_reach": 2.0, "noisy": True}
+    n = WARMUP_UPDATES
+    linear = rejected("not_convex")
+    assert robust_rate(1.0, n, linear, 1.0, 0.0, **kw) == RobustStep(1.0, n, "keep")
+    assert robust_rate(1.0, n, linear, 1.0, 0.0, plateau=True, **kw) == RobustStep(2.0, 0, "grow")
+    # a rising loss keeps the rate on the plateau too, and an ascent is no reason to grow
+    kept = robust_rate(1.0, n, linear, 1.0, 0.0, plateau=True, rising=True, **kw)
+    assert kept == RobustStep(1.0, n, "keep")
+    ascent = robust_rate(1.0, n, linear, -1.0, 0.0, plateau=True, **kw)
+    assert ascent.action != "grow"
+
+
+def _linear_noise_run(plateau_rule, monkeypatch, drop_at=None, steps=60):
+    """A flat loss whose slope is pure noise, ``c + z_i w`` with random signs ``z_i``: no
+    curvature at any rate, the slope on the next batch descends about half the time. ``c``
+    is 10, and 5 from step ``drop_at`` on (progress, as the loss leaving its plateau)."""
+    import hidlr.optimizer
+
+    if not plateau_rule:
+        monkeypatch.setattr(hidlr.optimizer, "on_plateau", lambda loss, first: False)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.sign(torch.rand(steps + 1, generator=gen, dtype=F64) - 0.5)
+    w = torch.zeros(1, dtype=F64, requires_grad=True)
+    opt = hidlr.HiDLR(torch.optim.SGD([w], lr=1e-3), update_every=1)
+
+    def loss(i):
+        c = 10.0 if drop_at is None or i < drop_at else 5.0
+        return c + z[i] * w.sum()
+
+    for i in range(steps):
+        opt.zero_grad()
+        loss(i).backward()
+        opt.step(lambda i=i: loss(i + 1))
+    return opt
+
+
+def test_a_noisy_group_climbs_off_its_starting_plateau(monkeypatch):
+    from hidlr.rates import NOISE_GATE
+
+    climbed = _linear_noise_run(True, monkeypatch)
+    assert climbed.param_groups[0]["hidlr_descent"] < NOISE_GATE  # noise-dominated
+    left = _linear_noise_run(True, monkeypatch, drop_at=20)
+    grows = [i for i, r in enumerate(left.history) if r.groups[0].action == "grow"]
+    assert grows and max(grows) < 20  # none once the loss has left its plateau
+    held = _linear_noise_run(False, monkeypatch)  # the rule off: the noise gate holds it
+    assert climbed.lrs[0] > 5 * held.lrs[0]
+
+
 def _noise_dominated_run(steps):
     """A loss whose slope along the step is pure noise: batch i's loss is
     ``10 + eps w^2 / 2 + z_i w`` with random signs ``z_i``. The step from batch i, probed on

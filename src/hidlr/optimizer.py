@@ -61,6 +61,7 @@ from hidlr.rates import (
     diagonal_rates,
     gradient_blew_up,
     log_average,
+    on_plateau,
     overshoot,
     rising,
     spike,
@@ -133,7 +134,9 @@ class HiDLR(Optimizer):
             curvature (not while the loss rises), counts probes that ascend as a proposal of
             half the rate, halves it when they blow up, and for a group whose probes descend
             on fewer than 70% of its probe steps (noise-dominated) takes no proposal further from
-            its own rate than the largest probe multiplier, and no growth without a fit. It measures the loss at ``w0`` (one
+            its own rate than the largest probe multiplier, and no growth without a fit once
+            the loss is 5% below its first probe step's (before that, a rate too small to
+            leave the starting plateau is the likely reason for linear probes). It measures the loss at ``w0`` (one
             more forward pass) and cuts the rates when that loss spikes (4x its recent floor,
             or 4x the last probe step's): 10x for the groups whose fit says their step is over
             twice too long, and for the others 10x where the loss is back at the first probe
@@ -896,6 +899,7 @@ class HiDLR(Optimizer):
                 max_rate_change=opts["max_rate_change"],
                 rising=rising(anchored.intercept, self._recent_losses),
                 noisy=[d < NOISE_GATE for d in descents],
+                plateau=on_plateau(anchored.intercept, self._first_loss),
             )
             first = self._first_loss
             if first is None and math.isfinite(anchored.intercept):

@@ -22,6 +22,7 @@ __all__ = [
     "diagonal_rates",
     "gradient_blew_up",
     "log_average",
+    "on_plateau",
     "overshoot",
     "rising",
     "robust_rate",
@@ -67,6 +68,20 @@ WARMUP_UPDATES = 4  # accepted fits during which an overshooting initial rate is
 WARMUP_GROWTH = 1.5  # and a longer proposal is taken at once, up to this factor per update
 DESCENT_WEIGHT = 0.1  # weight of the newest probe step in a group's descent frequency
 NOISE_GATE = 0.7  # below this descent frequency a group's fits are treated as noise-dominated
+PLATEAU_PROGRESS = 0.05  # a loss less than this fraction below the first is still on its plateau
+
+
+def on_plateau(loss: float, first: float | None) -> bool:
+    """Whether ``loss`` (at a probe step's ``w0``) is still on the plateau it started on:
+    less than ``PLATEAU_PROGRESS`` of the first such loss (in absolute value) below it. There
+    a rate too small to move the loss is the likely reading of probes that see no curvature,
+    whatever the sign of their slopes: the runs of the robustness benchmark that started low
+    and never left a saddle (a pooling CNN at ln 4 from 1e-3, DistMult at ln 2 from 1e-5) had
+    noise-dominated groups whose growth was suspended (:func:`robust_rate`). No first loss, or
+    a loss that is not finite: not on a plateau."""
+    if first is None or not math.isfinite(loss) or not math.isfinite(first):
+        return False
+    return first - loss < PLATEAU_PROGRESS * abs(first)
 
 
 def track_descent(frequency: float, b: float) -> float:
@@ -104,6 +119,7 @@ def robust_rate(
     rising: bool = False,
     noisy: bool = False,
     reach: float | None = None,
+    plateau: bool = False,
 ) -> RobustStep:
     """Hi-DLR's rate update with safeguards for what the fit cannot answer.
 
@@ -143,7 +159,9 @@ def robust_rate(
       no more than ``reach`` times the rate and no less than the rate divided by ``reach``
       (the largest probe multiplier; by default ``probe_reach / rate``, which is the same
       where the probes were placed at ``rate`` itself), and growth without a fit is
-      suspended (``"keep"``). The bound is about ``rate``, the group's own (diagonal) rate,
+      suspended (``"keep"``) once the loss has left the plateau it started on (``plateau``,
+      :func:`on_plateau`; on it, a rate too small to move the loss is what linear probes
+      most likely mean, noisy or not). The bound is about ``rate``, the group's own (diagonal) rate,
       not about where the probes were placed: with two or more groups those sit at the
       coupling factor times it, and a bound at the farthest probe then lay below the rate
       whenever that factor was under ``1 / reach``, so that every accepted proposal cut it
@@ -176,7 +194,7 @@ def robust_rate(
     if not resolved or (
         decision.reason == "not_convex" and b > 0 and abs(a) * probe_reach <= 0.1 * b
     ):
-        if rising or noisy:
+        if rising or (noisy and not plateau):
             return RobustStep(rate, n_updates, "keep")
         # grown without evidence: the warm-up starts again, so the first fits that see
         # curvature can bring the rate back at once (a plateau that ends in a cliff)
@@ -202,6 +220,7 @@ def diagonal_rates(
     max_rate_change: float | None,
     rising: bool = False,
     noisy: Sequence[bool] | None = None,
+    plateau: bool = False,
 ) -> tuple[list[float], list[int], list[str]]:
     """Each group's own (diagonal) rate after one fit, by ``policy`` (``"robust"``:
     :func:`robust_rate`; ``"paper"``: :func:`smooth_rate` on accepted fits only).
@@ -210,7 +229,8 @@ def diagonal_rates(
     diagonal rate and count of accepted fits before this one, ``reach`` the largest probe
     multiplier in absolute value, ``rising`` whether the loss rose since the last probe step,
     ``noisy`` which groups' probes are noise-dominated (:func:`robust_rate`; none if not
-    given). Groups not in ``active`` keep theirs. ``max_rate_change``
+    given), ``plateau`` whether the loss is still on its starting plateau
+    (:func:`on_plateau`). Groups not in ``active`` keep theirs. ``max_rate_change``
     bounds the paper policy's update here; the robust policy's rate is bounded after its
     coupling factor and spike cuts (by the optimizer). Returns the new diagonal rates, counts
     and the action taken per group.
@@ -235,6 +255,7 @@ def diagonal_rates(
                 rising=rising,
                 noisy=noisy is not None and noisy[k],
                 reach=reach,
+                plateau=plateau,
             )
             diag[k], counts[k], actions[k] = out.rate, out.n_updates, out.action
         elif dec.accepted:
