@@ -2064,13 +2064,20 @@ def gru_majority(seed: int) -> Problem:
 # -- blind13 (session 20) ----------------------------------------------------------------------
 
 
-@functools.cache
-def _breast_cancer() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    d = breast_cancer()
-    order = torch.randperm(d["x"].shape[0], generator=_gen(193))
-    (x, y), (x_val, y_val) = _split(d["x"][order], d["y"][order], 169)
+def _shuffled_table(
+    d: dict[str, torch.Tensor], g: torch.Generator, n_val: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A table's rows (``x``, ``y``) shuffled by ``g``, the first ``n_val`` validating; the
+    features standardised with the training part's statistics."""
+    order = torch.randperm(d["x"].shape[0], generator=g)
+    (x, y), (x_val, y_val) = _split(d["x"][order], d["y"][order], n_val)
     x, x_val = standardize(x, x_val)
     return (x, y), (x_val, y_val)
+
+
+@functools.cache
+def _breast_cancer() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    return _shuffled_table(breast_cancer(), _gen(193), 169)
 
 
 def breast_cancer_mlp(seed: int) -> Problem:
@@ -2201,10 +2208,7 @@ def sort_transformer(seed: int) -> Problem:
 
 @functools.cache
 def _diabetes() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    d = diabetes()
-    order = torch.randperm(d["x"].shape[0], generator=_gen(197))
-    (x, y), (x_val, y_val) = _split(d["x"][order], d["y"][order], 122)
-    x, x_val = standardize(x, x_val)
+    (x, y), (x_val, y_val) = _shuffled_table(diabetes(), _gen(197), 122)
     y, y_val = standardize(y, y_val)
     return (x, y), (x_val, y_val)
 
@@ -2324,11 +2328,8 @@ def _triplets(x: torch.Tensor, y: torch.Tensor, n: int, g: torch.Generator) -> t
 
 @functools.cache
 def _wine_triplets() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    d = wine()
     g = _gen(200)
-    order = torch.randperm(d["x"].shape[0], generator=g)
-    (x, y), (x_val, y_val) = _split(d["x"][order], d["y"][order], 58)
-    x, x_val = standardize(x, x_val)
+    (x, y), (x_val, y_val) = _shuffled_table(wine(), g, 58)
     train, val = _triplets(x, y, 4000, g), _triplets(x_val, y_val, 1000, g)
     return (train, torch.zeros(len(train))), (val, torch.zeros(len(val)))
 
