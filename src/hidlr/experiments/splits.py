@@ -25,4 +25,5 @@ SPLITS = (
     "blind12",
     "blind13",
     "blind14",
+    "blind15",
 )

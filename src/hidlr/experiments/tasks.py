@@ -17,7 +17,7 @@ session 14's change), ``split="blind7"`` (session 14; it judged session 15's),
 ``split="blind8"`` (session 15) and ``split="blind9"`` tasks (session 16, all under plain SGD,
 which the change then screened acts on) were each written and committed before any Hi-DLR run
 on them, their grids checked with constant-rate runs only. So were ``blind10`` to
-``blind14`` (sessions 17 to 21).
+``blind15`` (sessions 17 to 22).
 """
 
 from __future__ import annotations
@@ -2350,6 +2350,206 @@ def wine_triplet(seed: int) -> Problem:
     return Problem(model, by_depth(model), train, val, _soft_triplet)
 
 
+# -- blind15 (session 22) ----------------------------------------------------------------------
+
+
+def _rk4(
+    f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, dt: float, steps: int
+) -> list[torch.Tensor]:
+    """``steps`` classical Runge-Kutta steps of ``dz/dt = f(z)`` from ``z``: every state after."""
+    out = []
+    for _ in range(steps):
+        k1 = f(z)
+        k2 = f(z + 0.5 * dt * k1)
+        k3 = f(z + 0.5 * dt * k2)
+        k4 = f(z + dt * k3)
+        z = z + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        out.append(z)
+    return out
+
+
+def _pendulum(z: torch.Tensor) -> torch.Tensor:
+    """A damped pendulum: angle and angular velocity."""
+    return torch.stack([z[:, 1], -torch.sin(z[:, 0]) - 0.2 * z[:, 1]], dim=1)
+
+
+class _NeuralODE(nn.Module):
+    """An augmented neural ODE: the input's state padded with zeros, a learned vector field
+    integrated with fixed RK4 steps (four per unit of time), and a linear read-out of the state
+    at each of ``times`` whole time units, side by side."""
+
+    def __init__(self, d: int, augment: int = 6, hidden: int = 32, times: int = 4) -> None:
+        super().__init__()
+        self.field = MLP([d + augment, hidden, d + augment], nn.Tanh)
+        self.readout = nn.Linear(d + augment, d)
+        self.augment, self.times = augment, times
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.cat([x, x.new_zeros(len(x), self.augment)], dim=1)
+        states = _rk4(self.field, z, 0.25, 4 * self.times)[3::4]
+        return torch.cat([self.readout(s) for s in states], dim=1)
+
+
+def ode_pendulum(seed: int) -> Problem:
+    # a damped pendulum's state at times 1 to 4 from its initial state, integrated finely
+    g = _gen(201)
+    n = 3000
+    x = torch.stack([torch.rand(n, generator=g) * 4 - 2, torch.rand(n, generator=g) * 2 - 1], 1)
+    states = _rk4(_pendulum, x, 0.01, 400)[99::100]
+    y = torch.cat(states, dim=1) + 0.02 * torch.randn(n, 8, generator=g)
+    torch.manual_seed(seed)
+    model = _NeuralODE(2)
+    groups = by_patterns(model, {"field": r"^field\."}, rest="readout")
+    return Problem(model, groups, *_split(x, y, 600), _mse)
+
+
+class _CTCEncoder(nn.Module):
+    """Frames to per-frame log-probabilities over the blank (0) and the labels: two
+    convolutions over time, then a per-frame linear head. Input ``(n, time, features)``."""
+
+    def __init__(self, d: int, classes: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(d, hidden, 5, padding=2)
+        self.conv2 = nn.Conv1d(hidden, hidden, 5, padding=2)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x.transpose(1, 2)))))
+        return self.head(h.transpose(1, 2)).log_softmax(dim=-1)
+
+
+def _ctc(log_probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CTC loss (per target label, averaged over sequences); ``y`` holds the labels (1 up),
+    padded at the end with the blank 0."""
+    n, frames, _ = log_probs.shape
+    lengths = (y > 0).sum(dim=1)
+    return nn.functional.ctc_loss(
+        log_probs.transpose(0, 1),
+        y,
+        torch.full((n,), frames, dtype=torch.long),
+        lengths,
+        zero_infinity=True,
+    )
+
+
+def ctc_frames(seed: int) -> Problem:
+    # two to five labels (of five) per sequence, each held for two to four noisy frames of its
+    # own prototype, with one or two silent frames between; no alignment is given
+    g = _gen(202)
+    n, frames, d, labels, most = 3000, 30, 8, 5, 5
+    prototypes = torch.cat([torch.zeros(1, d), torch.randn(labels, d, generator=g)])
+    x = torch.zeros(n, frames, d)
+    y = torch.zeros(n, most, dtype=torch.long)
+    length = torch.randint(2, most + 1, (n,), generator=g)
+    seq = torch.randint(1, labels + 1, (n, most), generator=g)
+    hold = torch.randint(2, 5, (n, most), generator=g)
+    gap = torch.randint(1, 3, (n, most + 1), generator=g)
+    for i in range(n):
+        t = int(gap[i, 0])
+        for j in range(int(length[i])):
+            c, h = int(seq[i, j]), int(hold[i, j])
+            x[i, t : t + h] = prototypes[c]
+            y[i, j] = c
+            t += h + int(gap[i, j + 1])
+    x += 0.6 * torch.randn(n, frames, d, generator=g)
+    torch.manual_seed(seed)
+    model = _CTCEncoder(d, labels + 1)
+    groups = by_patterns(model, {"conv1": r"^conv1\.", "conv2": r"^conv2\.", "head": r"^head\."})
+    return Problem(model, groups, *_split(x, y, 600), _ctc)
+
+
+class _MinMaxMonotone(nn.Module):
+    """A partially monotone min-max network: ``groups`` groups of ``planes`` hyperplanes, each
+    increasing in the monotone inputs (weights ``exp`` of learned logs) and offset by an
+    unconstrained network of the free inputs; the output is the maximum over groups of the
+    minimum over a group's planes. The first ``monotone`` input columns are the monotone ones."""
+
+    def __init__(self, monotone: int, free: int, groups: int = 6, planes: int = 6) -> None:
+        super().__init__()
+        self.log_weights = nn.Parameter(torch.randn(monotone, groups * planes) - 1)
+        self.offsets = MLP([free, 32, groups * planes], nn.Tanh)
+        self.monotone, self.shape = monotone, (groups, planes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        planes = x[:, : self.monotone] @ self.log_weights.exp() + self.offsets(
+            x[:, self.monotone :]
+        )
+        return planes.view(-1, *self.shape).amin(dim=2).amax(dim=1, keepdim=True)
+
+
+def monotone_minmax(seed: int) -> Problem:
+    # increasing in the first three inputs whatever the other three, with noise
+    g = _gen(203)
+    n = 8000
+    x = torch.rand(n, 6, generator=g) * 2 - 1
+    y = (
+        nn.functional.softplus(2 * x[:, 0])
+        + x[:, 1] ** 3
+        + torch.tanh(3 * x[:, 2]) * (1 + x[:, 3] ** 2)
+        + torch.sin(math.pi * x[:, 4]) * x[:, 5]
+        + 0.1 * torch.randn(n, generator=g)
+    )[:, None]
+    torch.manual_seed(seed)
+    model = _MinMaxMonotone(3, 3)
+    groups = by_patterns(model, {"monotone": r"^log_weights$", "offsets": r"^offsets\."})
+    return Problem(model, groups, *_split(x, y, 1500), _mse)
+
+
+class _CRFTagger(nn.Module):
+    """A linear-chain CRF tagger: token embeddings, a convolution over the sequence and a linear
+    map give each position's tag scores; learned start and transition scores link the tags.
+    The output packs the emissions ``(n, length, tags)`` and, after them, the start scores and
+    the transition matrix (``from`` rows, ``to`` columns) repeated for each sequence."""
+
+    def __init__(self, vocab: int, tags: int, embed: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embed)
+        self.conv = nn.Conv1d(embed, hidden, 3, padding=1)
+        self.emit = nn.Linear(hidden, tags)
+        self.start = nn.Parameter(torch.zeros(1, tags))
+        self.transitions = nn.Parameter(torch.zeros(tags, tags))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(self.embedding(tokens).transpose(1, 2))).transpose(1, 2)
+        chain = torch.cat([self.start, self.transitions])
+        return torch.cat([self.emit(h), chain.expand(len(tokens), -1, -1)], dim=1)
+
+
+def _crf_nll(out: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    """The CRF's negative log-likelihood of the tag sequences, per position: the forward
+    algorithm's log-partition minus the true path's score."""
+    length = tags.shape[1]
+    emissions, start, transitions = out[:, :length], out[:, length], out[:, length + 1 :]
+    rows = torch.arange(len(tags))
+    alpha = start + emissions[:, 0]
+    score = start[rows, tags[:, 0]] + emissions[rows, 0, tags[:, 0]]
+    for t in range(1, length):
+        alpha = torch.logsumexp(alpha[:, :, None] + transitions, dim=1) + emissions[:, t]
+        score = score + transitions[rows, tags[:, t - 1], tags[:, t]]
+        score = score + emissions[rows, t, tags[:, t]]
+    return (torch.logsumexp(alpha, dim=1) - score).mean() / length
+
+
+def crf_tagger(seed: int) -> Problem:
+    # tags from a sticky Markov chain that tends to step to the next tag; each tag emits from
+    # its own peaked distribution over a shared vocabulary, so the tokens alone are ambiguous
+    g = _gen(204)
+    n, length, tags, vocab = 3000, 20, 5, 30
+    transition = 0.6 * torch.eye(tags) + 0.3 * torch.eye(tags).roll(1, dims=1) + 0.1 / tags
+    emission = torch.softmax(2 * torch.randn(tags, vocab, generator=g), dim=1)
+    y = torch.zeros(n, length, dtype=torch.long)
+    y[:, 0] = torch.randint(0, tags, (n,), generator=g)
+    for t in range(1, length):
+        y[:, t] = torch.multinomial(transition[y[:, t - 1]], 1, generator=g)[:, 0]
+    x = torch.multinomial(emission[y.flatten()], 1, generator=g).view(n, length)
+    torch.manual_seed(seed)
+    model = _CRFTagger(vocab, tags)
+    groups = by_patterns(
+        model, {"embeddings": r"^embedding\.", "chain": r"^(start|transitions)$"}, rest="emissions"
+    )
+    return Problem(model, groups, *_split(x, y, 600), _crf_nll)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -3232,6 +3432,50 @@ TASKS: dict[str, Task] = {
             "per-layer",
             wine_triplet,
             _wine_triplets,
+        ),
+        Task(
+            "ode_pendulum",
+            "regression",
+            "sgd",
+            64,
+            600,
+            grid_3_per_decade(-2),
+            "blind15",
+            "field/readout",
+            ode_pendulum,
+        ),
+        Task(
+            "ctc_frames",
+            "classification",
+            "adam",
+            128,
+            500,
+            grid_3_per_decade(-3),
+            "blind15",
+            "per-layer",
+            ctc_frames,
+        ),
+        Task(
+            "monotone_minmax",
+            "regression",
+            "momentum",
+            512,
+            500,
+            grid_3_per_decade(-2),
+            "blind15",
+            "monotone/offsets",
+            monotone_minmax,
+        ),
+        Task(
+            "crf_tagger",
+            "classification",
+            "adamw",
+            16,
+            400,
+            grid_3_per_decade(-3),
+            "blind15",
+            "embeddings/chain/emissions",
+            crf_tagger,
         ),
     ]
 }
