@@ -18,6 +18,7 @@ from hidlr.experiments.report import _value, build_report, summarize_experiment
 from hidlr.experiments.results import RunSpec, SettingsMismatch, load_results, run_specs
 from hidlr.experiments.robustness import (
     GRID_EXTENSIONS,
+    REUSABLE,
     edge_jobs,
     format_summary,
     jobs_for,
@@ -313,6 +314,29 @@ def test_robustness_benchmark_tiny(tmp_path):
     assert len(path.read_text().splitlines()) == n_lines  # resumed: nothing ran twice
 
 
+def test_robustness_benchmark_reuses_what_does_not_depend_on_hidlr(tmp_path):
+    source, screen = tmp_path / "source", tmp_path / "screen"
+    tiny = dict(tasks=["logistic_wide"], seeds=(0,), sweep=False, steps_scale=0.05, workers=1)
+    run_benchmark(source, **tiny)
+    ran = []
+    path = run_benchmark(
+        screen, probe_batch="same", reuse=source, progress=lambda i, n, r: ran.append(r), **tiny
+    )
+    assert sorted(r["method"] for r in ran) == ["gen", "hidlr"]  # nothing else was run again
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    copied = {r["key"]: r for r in records if r["method"] in REUSABLE}
+    originals = [json.loads(line) for line in (source / "runs.jsonl").read_text().splitlines()]
+    assert copied == {r["key"]: r for r in originals if r["method"] in REUSABLE}
+    assert {r["method"] for r in copied.values()} == {"constant", "prodigy", "dadaptation", "dog"}
+    assert summarize(path)["tasks"]["logistic_wide"]["grid_runs"] >= 7
+    run_benchmark(screen, probe_batch="same", reuse=source, **tiny)  # resumed: nothing copied twice
+    assert len(path.read_text().splitlines()) == len(records)
+    with pytest.raises(SettingsMismatch, match=r"steps_scale 0\.05, not 0\.1"):
+        run_benchmark(tmp_path / "other", reuse=source, **{**tiny, "steps_scale": 0.1})
+    with pytest.raises(SettingsMismatch, match="is not a results folder"):
+        run_benchmark(tmp_path / "other2", reuse=tmp_path / "nowhere", **tiny)
+
+
 def _record(method, seed, lr, role, val_loss, diverged=False):
     return {
         "key": f"t|{method}|{seed}|{lr}|{role}",
@@ -481,7 +505,9 @@ def test_cli_robustness_passes_the_policy(monkeypatch, tmp_path, capsys):
     assert cli.main(args) == 2
     assert seen["hidlr_options"] == {"policy": "paper"} and seen["sweep"] is False
     assert "stop here" in capsys.readouterr().err
-    assert cli.main(args[:-3]) == 2 and seen["hidlr_options"] is None
+    assert cli.main(args[:-3]) == 2 and seen["hidlr_options"] is None and seen["reuse"] is None
+    assert cli.main([*args, "--reuse", "results/robustness"]) == 2
+    assert seen["reuse"] == "results/robustness"
 
 
 def test_tasks_are_well_formed():

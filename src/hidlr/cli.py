@@ -88,6 +88,7 @@ def _bench_robustness(args: argparse.Namespace) -> int:
             schedule=args.schedule,
             hidlr_options={"policy": args.policy} if args.policy != "robust" else None,
             workers=args.workers,
+            reuse=args.reuse,
             progress=progress,
         )
     except SettingsMismatch as err:  # a results folder made with other settings
@@ -247,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hi-DLR's and GeN's rate policy (default: robust; paper: Algorithm 1 as written)",
     )
     rob.add_argument("--workers", type=_positive(int), default=2, help="processes (default: 2)")
+    rob.add_argument(
+        "--reuse",
+        metavar="FOLDER",
+        help="copy the constant-rate grid and the Prodigy / D-Adaptation / DoG runs (which do "
+        "not depend on Hi-DLR's settings) from another results folder with the same step "
+        "scale, and run only the rest (for a study or a screen of a change to Hi-DLR)",
+    )
     rob.set_defaults(func=_bench_robustness)
     greedy = bench.add_parser(
         "greedy",

@@ -61,6 +61,7 @@ def _settings(
 
 
 FREE_METHODS = ("prodigy", "dadaptation", "dog")
+REUSABLE = ("constant", *FREE_METHODS)  # the runs that do not depend on Hi-DLR's settings
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,17 @@ def run_benchmark(
     steps_scale: float = 1.0,
     workers: int = 2,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    reuse: str | Path | None = None,
 ) -> Path:
     """Run what is missing from ``out/runs.jsonl``; returns that file's path.
 
     The settings that change a run (Hi-DLR's options, the probe batch, the schedule, the step
     scale) are kept in ``out/config.json``; resuming a folder with other settings is refused
-    rather than mixing runs of two configurations in one summary."""
+    rather than mixing runs of two configurations in one summary. ``reuse``: another results
+    folder whose runs that do not depend on Hi-DLR's settings (the constant-rate grid,
+    Prodigy, D-Adaptation, DoG: :data:`REUSABLE`) are copied in first, for the same tasks
+    and seeds, so that a study or a screen of a change to Hi-DLR runs only Hi-DLR and GeN. Its
+    step scale must be this one's."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
@@ -157,6 +163,8 @@ def run_benchmark(
         config_path.write_text(json.dumps(config, indent=1) + "\n")
     settings = (dict(hidlr_options or {}), probe_batch, steps_scale, schedule)
     names = list(TASKS if tasks is None else tasks)
+    if reuse is not None:
+        _copy_reusable(Path(reuse), path, names, seeds, steps_scale)
     _execute(path, jobs_for(names, seeds, sweep), settings, workers, progress)
     for _ in range(GRID_EXTENSIONS):
         extra = edge_jobs(path, names, seeds)
@@ -164,6 +172,37 @@ def run_benchmark(
             break
         _execute(path, extra, settings, workers, progress)
     return path
+
+
+def _copy_reusable(
+    source: Path, path: Path, names: Sequence[str], seeds: Sequence[int], steps_scale: float
+) -> None:
+    """Append to ``path`` the :data:`REUSABLE` runs of ``source`` (a results folder) for
+    ``names`` and ``seeds`` that ``path`` does not hold yet."""
+    missing = [f for f in ("config.json", "runs.jsonl") if not (source / f).is_file()]
+    if missing:
+        raise SettingsMismatch(
+            f"reuse={str(source)!r} is not a results folder of this benchmark (it has no "
+            f"{' or '.join(missing)})"
+        )
+    saved = json.loads((source / "config.json").read_text())
+    if saved.get("steps_scale") != steps_scale:
+        raise SettingsMismatch(
+            f"{source} holds runs made with steps_scale {saved.get('steps_scale')}, not "
+            f"{steps_scale}: its runs cannot be reused here"
+        )
+    done = _done(path)
+    wanted, wanted_seeds = set(names), set(seeds)
+    with path.open("a") as fh:
+        for line in (source / "runs.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if (
+                record["method"] in REUSABLE
+                and record["task"] in wanted
+                and record["seed"] in wanted_seeds
+                and record["key"] not in done
+            ):
+                fh.write(line + "\n")
 
 
 def _done(path: Path) -> set[str]:
